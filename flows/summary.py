@@ -1,0 +1,94 @@
+"""The tables printed at the end of a command: what ran, what it made, what it dropped and why.
+
+Stages report their numbers in the manifest's stats with shared key names:
+`documents_in`, `documents_out`, `dropped` ({reason: count}), `seconds`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+from storage import ArtifactStore, Manifest
+
+
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else ("-" if value is None else str(value))
+
+
+def stage_rows(runs: dict[str, dict]) -> list[dict[str, Any]]:
+    rows = []
+    for name, run in runs.items():
+        stats = run["manifest"]["stats"]
+        built_seconds = stats.get("seconds")
+        docs_out = stats.get("documents_out")
+        rows.append({
+            "stage": name,
+            "status": "cached" if run["cached"] else "built",
+            "in": stats.get("documents_in"),
+            "out": docs_out,
+            "dropped": sum((stats.get("dropped") or {}).values()),
+            "seconds": run["seconds"],
+            "docs_per_s": round(docs_in / built_seconds) if (docs_in := stats.get("documents_in")) and built_seconds else None,
+            "fingerprint": run["manifest"]["fingerprint"],
+        })
+    return rows
+
+
+def print_corpus_summary(console: Console, runs: dict[str, dict], store: ArtifactStore) -> None:
+    table = Table(title="kiln: stages", title_justify="left")
+    for column in ("stage", "status", "docs in", "docs out", "dropped", "time", "docs/s", "artifact"):
+        table.add_column(column, justify="right" if column not in ("stage", "status", "artifact") else "left",
+                         no_wrap=True)
+    for row in stage_rows(runs):
+        table.add_row(
+            row["stage"], row["status"], _count(row["in"]), _count(row["out"]), _count(row["dropped"] or None),
+            f"{row['seconds']:.1f}s", _count(row["docs_per_s"]), row["fingerprint"][:12],
+        )
+    console.print(table)
+
+    reasons = Table(title="dropped, by reason", title_justify="left")
+    for column in ("stage", "reason", "documents"):
+        reasons.add_column(column, justify="right" if column == "documents" else "left")
+    for name, run in runs.items():
+        for reason, count in sorted((run["manifest"]["stats"].get("dropped") or {}).items(), key=lambda kv: -kv[1]):
+            reasons.add_row(name, reason, _count(count))
+    if reasons.row_count:
+        console.print(reasons)
+
+    dedup = runs.get("dedup", {}).get("manifest", {}).get("stats", {})
+    if dedup.get("documents_in"):
+        rate = 1 - dedup.get("documents_out", 0) / dedup["documents_in"]
+        console.print(f"duplicate rate: {rate:.1%}")
+    last = list(runs.values())[-1]["manifest"]
+    console.print(f"artifacts in {store.url}; trace one with: kiln lineage {last['fingerprint'][:12]}")
+
+
+def print_lineage(console: Console, tree: dict[str, Any]) -> None:
+    def label(node: dict[str, Any]) -> str:
+        if node.get("missing"):
+            return f"[red]{node['fingerprint'][:12]} (missing)"
+        return f"[bold]{node['stage']}[/] {node['fingerprint'][:12]}  created {node['created'][:19]}"
+
+    def add(branch: Tree, node: dict[str, Any]) -> None:
+        for source in node.get("sources", []):
+            branch.add(f"crawl file {source.get('url')}  sha256 {str(source.get('sha256', ''))[:12]}")
+        for parent in node.get("inputs", []):
+            add(branch.add(label(parent)), parent)
+
+    root = Tree(label(tree))
+    add(root, tree)
+    console.print(root)
+
+
+def print_artifacts(console: Console, manifests: list[Manifest]) -> None:
+    table = Table()
+    for column in ("stage", "fingerprint", "created", "files", "bytes", "inputs"):
+        table.add_column(column)
+    for m in manifests:
+        table.add_row(m.stage, m.short, m.created[:19], str(len(m.files)),
+                      _count(sum(f.bytes for f in m.files)), ", ".join(i[:12] for i in m.inputs))
+    console.print(table)

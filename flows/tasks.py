@@ -1,0 +1,95 @@
+"""One Prefect task per stage: cached on the artifact's fingerprint, retried on transient errors.
+
+The task's inputs are small and JSON-able (the stage's config, the input manifests and the
+data root); its result is the output manifest, never the data. The cache key is the
+fingerprint of the artifact the task would build, and it is only offered while that
+artifact is present and verifies, so a deleted or damaged artifact is rebuilt instead of
+being answered from Prefect's cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import CachePolicy
+from prefect.tasks import exponential_backoff
+
+from pipelines.common import KilnError, Stage, StageConfig
+from storage import ArtifactStore, Manifest, StorageError
+
+RETRIES = 3
+
+
+def _stages() -> dict[str, Stage]:
+    from flows.registry import STAGES
+
+    return STAGES
+
+
+def _resolve(stage_name: str, config: dict, inputs: list[dict]) -> tuple[Stage, StageConfig, list[Manifest]]:
+    stage = _stages()[stage_name]
+    return stage, stage.config_cls.model_validate(config), [Manifest.model_validate(m) for m in inputs]
+
+
+@dataclass
+class ArtifactFingerprint(CachePolicy):
+    """Prefect cache key = the output artifact's fingerprint, offered only while it verifies."""
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
+        if inputs.get("force"):
+            return None
+        stage, config, manifests = _resolve(inputs["stage_name"], inputs["config"], inputs["inputs"])
+        fp = stage.fingerprint(config, manifests)
+        store = ArtifactStore(inputs["data_dir"])
+        if store.get(stage.name, fp) is None:
+            return None
+        root = hashlib.sha256(store.url.encode()).hexdigest()[:12]
+        return f"kiln-{stage.name}-{fp}-{root}"
+
+
+def should_retry(task, task_run, state) -> bool:
+    """Retry what may pass (I/O hiccups, a lost worker); never a config or input error."""
+    error = state.result(raise_on_failure=False)
+    if isinstance(error, KilnError):
+        return error.retriable
+    return not isinstance(error, (StorageError, ValueError, TypeError, KeyError, AttributeError))
+
+
+@task(
+    cache_policy=ArtifactFingerprint(),
+    persist_result=True,
+    result_serializer="json",
+    retries=RETRIES,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=should_retry,
+)
+def stage_task(stage_name: str, config: dict, inputs: list[dict], data_dir: str, force: bool = False) -> dict:
+    stage, stage_config, manifests = _resolve(stage_name, config, inputs)
+    started = time.perf_counter()
+    manifest = stage.run(stage_config, manifests, ArtifactStore(data_dir), force=force)
+    return {
+        "manifest": manifest.model_dump(mode="json"),
+        "built": manifest.built,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def run_stage(stage_name: str, config: StageConfig, inputs: list[dict], data_dir: str, force: bool = False) -> dict:
+    """Run a stage's task inside a flow; returns {manifest, built, seconds, cached}.
+
+    `cached` is true when no work was done: a Prefect cache hit, or an artifact another run
+    had already committed.
+    """
+    started = time.perf_counter()
+    state = stage_task.with_options(name=stage_name, task_run_name=stage_name)(
+        stage_name, config.model_dump(mode="json"), [i["manifest"] for i in inputs], data_dir, force,
+        return_state=True,
+    )
+    result = state.result()  # raises the stage's own exception when it failed
+    cached = state.name == "Cached" or not result["built"]
+    return {**result, "cached": cached, "seconds": round(time.perf_counter() - started, 3)}

@@ -1,0 +1,417 @@
+"""The artifact store: `<root>/<stage>/<fingerprint>/` directories committed by a manifest.
+
+The root is a local directory (default `./data`, or `KILN_DATA`) or any fsspec URL
+(`s3://bucket/prefix`, `file:///...`, `memory://...`).
+
+Commit protocol
+- local disk: a stage writes into `<stage>/.staging-<fp>/` while holding an exclusive lock on
+  `<stage>/.locks/<fp>.lock`; every file is written under a temporary name and renamed when
+  complete, so a staging directory only ever holds whole files (a killed run resumes from
+  them). The manifest is written last, then the directory is renamed into place: readers see
+  the whole artifact or nothing. A second process asking for the same artifact waits on the
+  lock, then finds the committed artifact.
+- object stores: files are written in place, the manifest last; the manifest is the commit.
+  A directory without a valid manifest is never read, and is removed before it is rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from storage.manifest import MANIFEST_NAME, FileEntry, Manifest, StorageError
+
+log = logging.getLogger(__name__)
+
+Verify = Literal["none", "size", "sha256"]
+STAGING_PREFIX = ".staging-"
+TEMP_MARK = ".tmp-"
+
+
+def default_root() -> str:
+    return os.environ.get("KILN_DATA") or "./data"
+
+
+def sha256_of(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ArtifactStore:
+    def __init__(self, root: str | os.PathLike | None = None, **storage_options: Any):
+        url = str(root) if root is not None else default_root()
+        self.url = url
+        self.storage_options = storage_options
+        self.fs, self.root = fsspec.core.url_to_fs(url, **storage_options)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        if self.is_local:
+            self.root = str(Path(self.root).resolve())
+            self.url = self.root
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.url!r})"
+
+    # ---------------------------------------------------------------- paths
+
+    def stage_dir(self, stage: str) -> str:
+        return posixpath.join(self.root, stage)
+
+    def artifact_dir(self, stage: str, fp: str) -> str:
+        return posixpath.join(self.root, stage, fp)
+
+    def local_path(self, manifest: Manifest, relpath: str = "") -> Path:
+        """A local filesystem path inside a committed artifact (local stores only)."""
+        if not self.is_local:
+            raise StorageError(f"{self.url}: not a local store; read through store.open()")
+        return Path(self.artifact_dir(manifest.stage, manifest.fingerprint), relpath)
+
+    def uri(self, manifest: Manifest, relpath: str = "") -> str:
+        path = posixpath.join(self.artifact_dir(manifest.stage, manifest.fingerprint), relpath)
+        return path if self.is_local else self.fs.unstrip_protocol(path)
+
+    def open(self, manifest: Manifest, relpath: str, mode: str = "rb"):
+        return self.fs.open(posixpath.join(self.artifact_dir(manifest.stage, manifest.fingerprint), relpath), mode)
+
+    # ---------------------------------------------------------------- reading
+
+    def get(self, stage: str, fp: str, verify: Verify = "size") -> Manifest | None:
+        """The committed artifact, or None when it is absent or fails verification."""
+        directory = self.artifact_dir(stage, fp)
+        manifest_path = posixpath.join(directory, MANIFEST_NAME)
+        try:
+            text = self.fs.cat_file(manifest_path)
+        except FileNotFoundError:
+            return None
+        try:
+            manifest = Manifest.from_json(text, manifest_path)
+        except StorageError as err:
+            log.warning("%s; treating the artifact as missing", err)
+            return None
+        if manifest.stage != stage or manifest.fingerprint != fp:
+            log.warning("%s names %s/%s; treating it as missing", manifest_path, manifest.stage, manifest.fingerprint)
+            return None
+        problems = self.problems(manifest, verify)
+        if problems:
+            log.warning("%s/%s fails verification (%s); it will be rebuilt", stage, fp[:12], problems[0])
+            return None
+        manifest.location = self.fs.unstrip_protocol(directory) if not self.is_local else directory
+        return manifest
+
+    def problems(self, manifest: Manifest, verify: Verify = "sha256") -> list[str]:
+        """What is wrong with a committed artifact's files (empty when it is intact)."""
+        if verify == "none":
+            return []
+        directory = self.artifact_dir(manifest.stage, manifest.fingerprint)
+        found = []
+        for entry in manifest.files:
+            path = posixpath.join(directory, entry.path)
+            try:
+                size = self.fs.size(path)
+            except FileNotFoundError:
+                found.append(f"{entry.path}: missing")
+                continue
+            if size != entry.bytes:
+                found.append(f"{entry.path}: {size} bytes, manifest says {entry.bytes}")
+            elif verify == "sha256" and sha256_of(self.fs, path) != entry.sha256:
+                found.append(f"{entry.path}: sha256 differs from the manifest")
+        return found
+
+    def list(self, stage: str | None = None) -> list[Manifest]:
+        stages = [stage] if stage else self.stages()
+        found = []
+        for name in stages:
+            for path in self.fs.glob(posixpath.join(self.stage_dir(name), "*", MANIFEST_NAME)):
+                fp = posixpath.basename(posixpath.dirname(path))
+                manifest = self.get(name, fp, verify="none")
+                if manifest is not None:
+                    found.append(manifest)
+        return sorted(found, key=lambda m: m.created)
+
+    def stages(self) -> list[str]:
+        if not self.fs.exists(self.root):
+            return []
+        return sorted(
+            posixpath.basename(p.rstrip("/"))
+            for p in self.fs.ls(self.root, detail=False)
+            if self.fs.isdir(p) and not posixpath.basename(p.rstrip("/")).startswith((".", "_"))
+        )
+
+    def find(self, fp_or_prefix: str) -> Manifest:
+        """The artifact whose fingerprint is (or starts with) the given string, in any stage."""
+        prefix = fp_or_prefix.strip()
+        if len(prefix) < 6:
+            raise StorageError(f"{prefix!r}: give at least 6 characters of a fingerprint")
+        matches = [
+            m for stage in self.stages()
+            for path in self.fs.glob(posixpath.join(self.stage_dir(stage), prefix + "*", MANIFEST_NAME))
+            if (m := self.get(stage, posixpath.basename(posixpath.dirname(path)), verify="none"))
+        ]
+        if not matches:
+            raise StorageError(f"{prefix}: no artifact with this fingerprint in {self.url}")
+        if len({m.fingerprint for m in matches}) > 1:
+            raise StorageError(f"{prefix}: ambiguous, matches {', '.join(m.short for m in matches)}")
+        return matches[0]
+
+    def lineage(self, fp_or_prefix: str) -> dict[str, Any]:
+        """The tree of manifests an artifact was made from, down to its crawl sources."""
+        manifest = self.find(fp_or_prefix)
+        node: dict[str, Any] = {
+            "stage": manifest.stage,
+            "fingerprint": manifest.fingerprint,
+            "config": manifest.config,
+            "created": manifest.created,
+            "sources": manifest.sources,
+            "inputs": [],
+        }
+        for parent in manifest.inputs:
+            try:
+                node["inputs"].append(self.lineage(parent))
+            except StorageError:
+                node["inputs"].append({"fingerprint": parent, "missing": True, "inputs": []})
+        return node
+
+    # ---------------------------------------------------------------- writing
+
+    def produce(
+        self,
+        stage: str,
+        fp: str,
+        build: Callable[["ArtifactWriter"], dict[str, Any] | None],
+        *,
+        config: dict[str, Any],
+        inputs: list[str],
+        code_version: str,
+        force: bool = False,
+        verify: Verify = "size",
+    ) -> Manifest:
+        """Return the committed artifact `stage/fp`, building it with `build(writer)` if needed.
+
+        `build` writes files through the writer and returns the stats for the manifest.
+        """
+        if not force and (existing := self.get(stage, fp, verify)):
+            return existing
+        with self._lock(stage, fp):
+            if not force and (existing := self.get(stage, fp, verify)):
+                return existing  # another process built it while we waited
+            self._remove_abandoned_staging(stage, keep=fp)
+            writer = ArtifactWriter(self, stage, fp, config, inputs, code_version)
+            writer.prepare(fresh=force or not self.is_local)
+            stats = build(writer) or {}
+            manifest = writer.commit(stats)
+            manifest.built = True
+            return manifest
+
+    @contextlib.contextmanager
+    def _lock(self, stage: str, fp: str) -> Iterator[None]:
+        """An exclusive lock per artifact on local disk; object stores rely on the manifest commit."""
+        if not self.is_local:
+            yield
+            return
+        lock_dir = Path(self.stage_dir(stage), ".locks")
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with open(lock_dir / f"{fp}.lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.warning("%s/%s is being built by another run; waiting for it", stage, fp[:12])
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _remove_abandoned_staging(self, stage: str, keep: str) -> None:
+        """Staging directories of other fingerprints that nobody holds a lock on are leftovers."""
+        if not self.is_local:
+            return
+        stage_dir = Path(self.stage_dir(stage))
+        for staging in stage_dir.glob(STAGING_PREFIX + "*"):
+            fp = staging.name[len(STAGING_PREFIX):]
+            if fp == keep:
+                continue
+            with open(stage_dir / ".locks" / f"{fp}.lock", "a+") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live run is building it
+                shutil.rmtree(staging, ignore_errors=True)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class ArtifactWriter:
+    """Writes one artifact's files; `commit()` makes it visible.
+
+    Stage code writes with `open()`, `write_bytes()`, `write_json()` or `write_parquet()`, using
+    paths relative to the artifact. A file becomes visible in the working directory only when
+    it is complete, so `done(path)` tells a resumed run which pieces it can skip.
+    The writer is picklable (it carries the store URL, not open handles), so worker processes
+    can write their own shards.
+    """
+
+    def __init__(self, store: ArtifactStore, stage: str, fp: str, config: dict, inputs: list[str], code_version: str):
+        self.store_url = store.url
+        self.storage_options = store.storage_options
+        self.stage = stage
+        self.fingerprint = fp
+        self.config = config
+        self.inputs = list(inputs)
+        self.code_version = code_version
+        self.sources: list[dict[str, Any]] = []
+        self._rows: dict[str, int] = {}
+        self._store: ArtifactStore | None = store
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_store"] = None
+        return state
+
+    @property
+    def store(self) -> ArtifactStore:
+        if self._store is None:
+            self._store = ArtifactStore(self.store_url, **self.storage_options)
+        return self._store
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return self.store.fs
+
+    @property
+    def workdir(self) -> str:
+        store = self.store
+        if store.is_local:
+            return posixpath.join(store.stage_dir(self.stage), STAGING_PREFIX + self.fingerprint)
+        return store.artifact_dir(self.stage, self.fingerprint)
+
+    def path(self, relpath: str) -> str:
+        return posixpath.join(self.workdir, relpath)
+
+    def local_path(self, relpath: str) -> Path:
+        """A path on local disk for libraries that only write local files (local stores only)."""
+        if not self.store.is_local:
+            raise StorageError(f"{self.store_url}: {relpath} needs a local store")
+        return Path(self.path(relpath))
+
+    def prepare(self, fresh: bool) -> None:
+        if fresh and self.fs.exists(self.workdir):
+            self.fs.rm(self.workdir, recursive=True)
+        self.fs.makedirs(self.workdir, exist_ok=True)
+
+    def done(self, relpath: str) -> bool:
+        """Whether a complete file already sits at relpath (written by an earlier, killed run)."""
+        return self.fs.exists(self.path(relpath))
+
+    def record_rows(self, relpath: str, rows: int) -> None:
+        self._rows[relpath] = rows
+
+    @contextlib.contextmanager
+    def open(self, relpath: str, mode: str = "wb") -> Iterator[BinaryIO]:
+        """Write a file atomically: under a temporary name, renamed when the block succeeds."""
+        final = self.path(relpath)
+        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        if not self.store.is_local:
+            with self.fs.open(final, mode) as handle:
+                yield handle
+            return
+        temp = f"{final}{TEMP_MARK}{uuid.uuid4().hex[:8]}"
+        try:
+            with open(temp, mode) as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, final)
+        finally:
+            if os.path.exists(temp):
+                os.remove(temp)
+
+    def write_bytes(self, relpath: str, data: bytes) -> None:
+        with self.open(relpath) as handle:
+            handle.write(data)
+
+    def write_json(self, relpath: str, value: Any) -> None:
+        self.write_bytes(relpath, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False).encode())
+
+    def write_parquet(self, relpath: str, table, **options) -> None:
+        import pyarrow.parquet as pq
+
+        options.setdefault("compression", "zstd")
+        buffer = io.BytesIO() if not self.store.is_local else None
+        with self.open(relpath) as handle:
+            pq.write_table(table, buffer or handle, **options)
+            if buffer is not None:
+                handle.write(buffer.getvalue())
+        self.record_rows(relpath, table.num_rows)
+
+    def _rows_of(self, relpath: str) -> int | None:
+        """Rows as recorded, else from a Parquet footer (files written by worker processes,
+        or by an earlier run that was interrupted)."""
+        if relpath in self._rows or not relpath.endswith(".parquet"):
+            return self._rows.get(relpath)
+        import pyarrow.parquet as pq
+
+        try:
+            with self.fs.open(self.path(relpath), "rb") as handle:
+                return pq.ParquetFile(handle).metadata.num_rows
+        except Exception:  # noqa: BLE001 - not readable as Parquet: its rows are unknown
+            return None
+
+    def _complete_files(self) -> list[str]:
+        root = self.workdir.rstrip("/") + "/"
+        paths = []
+        for path in self.fs.find(self.workdir):
+            relpath = path[len(root):] if path.startswith(root) else posixpath.relpath(path, self.workdir)
+            if TEMP_MARK in posixpath.basename(relpath) or relpath == MANIFEST_NAME:
+                continue
+            paths.append(relpath)
+        return sorted(paths)
+
+    def commit(self, stats: dict[str, Any]) -> Manifest:
+        files = []
+        for relpath in self._complete_files():
+            path = self.path(relpath)
+            files.append(FileEntry(
+                path=relpath, bytes=self.fs.size(path), sha256=sha256_of(self.fs, path), rows=self._rows_of(relpath)
+            ))
+        manifest = Manifest(
+            stage=self.stage, fingerprint=self.fingerprint, config=self.config, inputs=self.inputs,
+            code_version=self.code_version, files=files, stats=stats, sources=self.sources,
+        )
+        with self.open(MANIFEST_NAME) as handle:
+            handle.write(manifest.to_json().encode())
+        store = self.store
+        final = store.artifact_dir(self.stage, self.fingerprint)
+        if store.is_local:
+            _swap_into_place(Path(self.workdir), Path(final))
+        committed = store.get(self.stage, self.fingerprint, verify="size")
+        if committed is None:
+            raise StorageError(f"{final}: the artifact just committed does not verify")
+        return committed
+
+
+def _swap_into_place(staging: Path, final: Path) -> None:
+    """Rename the finished staging directory to its final name (replacing an older build)."""
+    if final.exists():
+        trash = final.with_name(f".trash-{final.name}-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}")
+        os.rename(final, trash)
+        os.rename(staging, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(staging, final)

@@ -1,0 +1,105 @@
+"""The dedup stage on real text: planted duplicates, shard layout, refresh against an earlier index."""
+
+import random
+
+import pyarrow as pa
+import pytest
+from pydoc_data.topics import topics
+
+from pipelines.common import ConfigError, InputError, document_shards, read_shard, shard_name
+from pipelines.dedup import STAGE, DedupConfig
+from pipelines.minhash import word_shingles
+from storage import ArtifactStore
+
+
+def real_documents() -> list[str]:
+    """Reference-manual prose that ships with Python, cut into ~300-word documents.
+
+    The manual repeats itself (a few topics share whole sections): those chunks are left out
+    so that every planted duplicate below has exactly one original."""
+    words = " ".join(topics[k] for k in sorted(topics)).split()
+    chunks = [" ".join(words[i:i + 300]) for i in range(0, len(words) - 300, 300)]
+    distinct, seen = [], []
+    for chunk in chunks:
+        shingles = set(word_shingles(chunk))
+        if all(len(shingles & other) / len(shingles | other) < 0.3 for other in seen):
+            distinct.append(chunk)
+            seen.append(shingles)
+    return distinct
+
+
+def edit_words(text: str, rng: random.Random, edits: int) -> str:
+    words = text.split()
+    for _ in range(edits):
+        words[rng.randrange(len(words))] = rng.choice(["alpha", "beta", "gamma", "delta"])
+    return " ".join(words)
+
+
+def clean_artifact(store: ArtifactStore, shards: list[list[str]], tag: str):
+    def build(writer):
+        for i, texts in enumerate(shards):
+            ids = [f"{tag}-{i}-{j}" for j in range(len(texts))]
+            writer.write_parquet(shard_name(i), pa.table({"id": ids, "url": ids, "text": texts}))
+        return {}
+
+    return store.produce("clean", tag * 64 if len(tag) == 1 else tag, build, config={}, inputs=[], code_version="1")
+
+
+def kept_ids(store, manifest):
+    return [i for s in document_shards(manifest) for i in read_shard(store, manifest, s, ["id"]).column("id").to_pylist()]
+
+
+def test_planted_duplicates_are_removed_and_originals_kept(tmp_path):
+    store = ArtifactStore(tmp_path)
+    rng = random.Random(7)
+    docs = real_documents()[:160]
+    near = [edit_words(d, rng, 3) for d in docs[:40]]        # a few words edited
+    exact = [d.upper() + "  " for d in docs[40:60]]          # same text once normalized
+    clean = clean_artifact(store, [docs[:80], docs[80:] + near, exact], "a")
+    manifest = STAGE.run(DedupConfig(), [clean], store)
+    stats = manifest.stats
+    assert stats["documents_in"] == 220
+    assert stats["dropped"]["exact_duplicate"] == 20
+    assert stats["dropped"]["near_duplicate"] >= 38  # >= 95% of the planted near-duplicates
+    kept = set(kept_ids(store, manifest))
+    assert all(f"a-0-{j}" in kept for j in range(80)), "the originals (first in corpus order) are kept"
+    assert stats["documents_out"] == 220 - 20 - stats["dropped"]["near_duplicate"]
+    assert [s for s in document_shards(manifest)] == [shard_name(0), shard_name(1), shard_name(2)]
+    assert manifest.files_under("index"), "the signature index is part of the artifact"
+
+
+def test_refresh_keeps_only_new_documents(tmp_path):
+    store = ArtifactStore(tmp_path)
+    rng = random.Random(3)
+    docs = real_documents()
+    first = STAGE.run(DedupConfig(), [clean_artifact(store, [docs[:80]], "b")], store)
+    refreshed_crawl = [edit_words(d, rng, 2) for d in docs[:30]] + docs[80:120]
+    second = STAGE.run(DedupConfig(against=first.fingerprint),
+                       [clean_artifact(store, [refreshed_crawl], "c"), first], store)
+    assert second.stats["dropped"]["in_earlier_corpus"] >= 29
+    assert set(kept_ids(store, second)) >= {f"c-0-{j}" for j in range(30, 70)}
+    assert second.stats["index_documents"] == 80 + second.stats["documents_out"]
+
+
+def test_deterministic_and_independent_of_batch_size(tmp_path):
+    docs = real_documents()[:120]
+    docs += [edit_words(d, random.Random(1), 2) for d in docs[:20]]
+    a = STAGE.run(DedupConfig(batch_size=7), [clean_artifact(ArtifactStore(tmp_path / "1"), [docs], "d")], ArtifactStore(tmp_path / "1"))
+    b = STAGE.run(DedupConfig(batch_size=4096), [clean_artifact(ArtifactStore(tmp_path / "2"), [docs], "d")], ArtifactStore(tmp_path / "2"))
+    assert [(f.path, f.sha256) for f in a.files] == [(f.path, f.sha256) for f in b.files]
+
+
+def test_mismatched_index_and_wrong_input_are_clear_errors(tmp_path):
+    store = ArtifactStore(tmp_path)
+    docs = real_documents()[:30]
+    clean = clean_artifact(store, [docs], "e")
+    first = STAGE.run(DedupConfig(), [clean], store)
+    with pytest.raises(ConfigError, match="other MinHash settings"):
+        STAGE.run(DedupConfig(num_bands=20, rows_per_band=5), [clean, first], store)
+    with pytest.raises(InputError, match="not a dedup artifact"):
+        STAGE.run(DedupConfig(), [clean, clean], store)
+
+
+def test_invalid_minhash_settings_fail_validation():
+    with pytest.raises(ValueError):
+        DedupConfig(num_bands=0)

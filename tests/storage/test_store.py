@@ -1,0 +1,155 @@
+import json
+import multiprocessing
+import os
+import time
+
+import pytest
+
+from storage import MANIFEST_NAME, ArtifactStore, StorageError, fingerprint
+
+
+def build_two_files(writer):
+    writer.write_bytes("a.txt", b"alpha")
+    writer.write_json("sub/b.json", {"x": 1})
+    return {"documents": 2}
+
+
+def produce(store, fp="f" * 64, build=build_two_files, **kw):
+    return store.produce("demo", fp, build, config={"k": 1}, inputs=["in1"], code_version="1", **kw)
+
+
+def test_fingerprint_is_canonical_and_sensitive():
+    a = fingerprint("clean", {"x": 1, "y": [1, 2]}, ["i"], "1")
+    assert a == fingerprint("clean", {"y": [1, 2], "x": 1}, ["i"], "1")
+    assert a != fingerprint("clean", {"x": 2, "y": [1, 2]}, ["i"], "1")
+    assert a != fingerprint("clean", {"x": 1, "y": [1, 2]}, ["j"], "1")
+    assert a != fingerprint("clean", {"x": 1, "y": [1, 2]}, ["i"], "2")
+    assert a != fingerprint("dedup", {"x": 1, "y": [1, 2]}, ["i"], "1")
+
+
+def test_produce_commits_manifest_with_sizes_hashes_and_lineage(tmp_path):
+    store = ArtifactStore(tmp_path)
+    manifest = produce(store)
+    directory = tmp_path / "demo" / ("f" * 64)
+    saved = json.loads((directory / MANIFEST_NAME).read_text())
+    assert saved["inputs"] == ["in1"] and saved["stats"] == {"documents": 2}
+    assert {f["path"] for f in saved["files"]} == {"a.txt", "sub/b.json"}
+    entry = manifest.file("a.txt")
+    assert entry.bytes == 5 and entry.sha256 == "8ed3f6ad685b959ead7022518e1af76cd816f8e8ec7ccdda1ed4018e8f2223f8"
+    assert not list((tmp_path / "demo").glob(".staging-*")), "staging renamed into place"
+    assert store.problems(manifest, "sha256") == []
+
+
+def test_second_produce_does_not_rebuild(tmp_path):
+    store = ArtifactStore(tmp_path)
+    produce(store)
+    calls = []
+    produce(store, build=lambda w: calls.append(1) or build_two_files(w))
+    assert calls == []
+
+
+def test_damaged_artifact_is_rebuilt(tmp_path):
+    store = ArtifactStore(tmp_path)
+    manifest = produce(store)
+    path = store.local_path(manifest, "a.txt")
+    path.write_bytes(b"tampered!")
+    assert store.get("demo", manifest.fingerprint) is None
+    calls = []
+    produce(store, build=lambda w: calls.append(1) or build_two_files(w))
+    assert calls == [1] and path.read_bytes() == b"alpha"
+
+
+def test_same_size_tamper_is_caught_by_sha256(tmp_path):
+    store = ArtifactStore(tmp_path)
+    manifest = produce(store)
+    store.local_path(manifest, "a.txt").write_bytes(b"ALPHA")
+    assert store.get("demo", manifest.fingerprint, verify="size") is not None
+    assert store.problems(manifest, "sha256") == ["a.txt: sha256 differs from the manifest"]
+
+
+def test_failed_build_leaves_nothing_visible_and_resumes_from_complete_files(tmp_path):
+    store = ArtifactStore(tmp_path)
+
+    def failing(writer):
+        writer.write_bytes("part-0", b"done")
+        with writer.open("part-1") as handle:
+            handle.write(b"half")
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        produce(store, build=failing)
+    assert store.get("demo", "f" * 64) is None
+    assert not (tmp_path / "demo" / ("f" * 64)).exists()
+    staging = tmp_path / "demo" / (".staging-" + "f" * 64)
+    assert sorted(p.name for p in staging.iterdir()) == ["part-0"], "no half-written file survives"
+
+    seen = []
+
+    def resume(writer):
+        seen.append(writer.done("part-0"))
+        writer.write_bytes("part-1", b"done")
+        return {}
+
+    manifest = produce(store, build=resume)
+    assert seen == [True]
+    assert [f.path for f in manifest.files] == ["part-0", "part-1"]
+
+
+def test_corrupt_manifest_is_treated_as_missing(tmp_path):
+    store = ArtifactStore(tmp_path)
+    manifest = produce(store)
+    (store.local_path(manifest) / MANIFEST_NAME).write_text("{not json")
+    assert store.get("demo", manifest.fingerprint) is None
+
+
+def test_find_and_lineage(tmp_path):
+    store = ArtifactStore(tmp_path)
+    root = store.produce("ingest", "1" * 64, lambda w: w.sources.append({"url": "crawl.warc.gz"}) or {},
+                         config={}, inputs=[], code_version="1")
+    child = store.produce("clean", "2" * 64, build_two_files, config={"t": 1}, inputs=[root.fingerprint], code_version="1")
+    assert store.find("222222").fingerprint == child.fingerprint
+    tree = store.lineage(child.fingerprint[:8])
+    assert tree["stage"] == "clean"
+    assert tree["inputs"][0]["stage"] == "ingest"
+    assert tree["inputs"][0]["sources"] == [{"url": "crawl.warc.gz"}]
+    with pytest.raises(StorageError, match="no artifact"):
+        store.find("abcdef")
+
+
+def test_object_store_url(tmp_path):
+    store = ArtifactStore("memory://kiln-test-store")
+    manifest = produce(store)
+    assert store.get("demo", manifest.fingerprint, verify="sha256") is not None
+    with store.open(manifest, "a.txt") as handle:
+        assert handle.read() == b"alpha"
+
+
+def test_abandoned_staging_of_other_fingerprints_is_removed(tmp_path):
+    store = ArtifactStore(tmp_path)
+    with pytest.raises(RuntimeError):
+        produce(store, fp="a" * 64, build=lambda w: w.write_bytes("x", b"1") or (_ for _ in ()).throw(RuntimeError()))
+    assert (tmp_path / "demo" / (".staging-" + "a" * 64)).exists()
+    produce(store, fp="b" * 64)
+    assert not (tmp_path / "demo" / (".staging-" + "a" * 64)).exists()
+
+
+def _slow_build(args):
+    root, marker = args
+    store = ArtifactStore(root)
+
+    def build(writer):
+        with open(marker, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        time.sleep(1.0)
+        writer.write_bytes("a.txt", b"alpha")
+        return {}
+
+    return store.produce("demo", "c" * 64, build, config={}, inputs=[], code_version="1").fingerprint
+
+
+def test_concurrent_producers_build_once(tmp_path):
+    marker = tmp_path / "builds.log"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        results = pool.map(_slow_build, [(str(tmp_path / "store"), str(marker))] * 2)
+    assert results == ["c" * 64] * 2
+    assert len(marker.read_text().splitlines()) == 1, "the second run waited and reused the artifact"
