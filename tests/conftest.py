@@ -24,3 +24,27 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    """A real S3 API on 127.0.0.1 (moto's server) with a bucket `kiln`. fsspec finds the
+    endpoint through FSSPEC_S3_ENDPOINT_URL, as a user's S3-compatible store would."""
+    boto3 = pytest.importorskip("boto3")
+    server_module = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    settings = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                "FSSPEC_S3_ENDPOINT_URL": endpoint}
+    for key, value in settings.items():
+        monkeypatch.setenv(key, value)
+    import fsspec.config
+
+    fsspec.config.set_conf_env(fsspec.config.conf)  # fsspec read its env settings at import
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="kiln")
+    yield endpoint
+    server.stop()
+    fsspec.config.conf.get("s3", {}).pop("endpoint_url", None)

@@ -153,3 +153,19 @@ def test_concurrent_producers_build_once(tmp_path):
         results = pool.map(_slow_build, [(str(tmp_path / "store"), str(marker))] * 2)
     assert results == ["c" * 64] * 2
     assert len(marker.read_text().splitlines()) == 1, "the second run waited and reused the artifact"
+
+
+def test_s3_store_commits_with_the_manifest_last(s3_bucket):
+    store = ArtifactStore("s3://kiln/runs")
+    manifest = produce(store)
+    assert not store.is_local
+    assert store.get("demo", manifest.fingerprint, verify="sha256") is not None
+    with store.open(manifest, "sub/b.json") as handle:
+        assert json.loads(handle.read()) == {"x": 1}
+    assert store.find(manifest.fingerprint[:8]).fingerprint == manifest.fingerprint
+
+    # A directory without its manifest is never read, and is rebuilt from scratch.
+    store.fs.rm(f"{store.artifact_dir('demo', manifest.fingerprint)}/{MANIFEST_NAME}")
+    assert store.get("demo", manifest.fingerprint) is None
+    rebuilt = produce(store)
+    assert [f.sha256 for f in rebuilt.files] == [f.sha256 for f in manifest.files]
