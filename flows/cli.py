@@ -13,8 +13,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from pipelines.common import KilnError
-from storage import ArtifactStore, StorageError, default_root
+from storage import ArtifactStore, KilnError, StorageError, default_root
 
 app = typer.Typer(
     name="kiln", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -29,41 +28,108 @@ DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Artifact 
 InputOpt = Annotated[Optional[list[str]], typer.Option("--input", help="Crawl input: WARC path, glob or URL (repeatable). None: the offline sample crawl.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rebuild this command's stages even when cached.")]
 
-CORPUS_COMMANDS = {
-    "ingest": "Read WARC files into Parquet document shards.",
-    "clean": "Extract main text and apply the quality filters (runs ingest first if needed).",
-    "dedup": "Exact and MinHash near-duplicate removal (runs ingest and clean first if needed).",
-    "corpus": "The whole corpus chain: ingest -> clean -> dedup.",
+# command -> (the last stage it runs, help). Every command runs the chain up to its stage;
+# `--force` rebuilds the command's own stage, or every stage of the chain for corpus/data.
+STAGE_COMMANDS = {
+    "ingest": ("ingest", "Read WARC files into Parquet document shards."),
+    "clean": ("clean", "Extract main text and apply the quality filters (runs ingest first if needed)."),
+    "dedup": ("dedup", "Exact and MinHash near-duplicate removal (runs ingest and clean first if needed)."),
+    "corpus": ("dedup", "The corpus chain: ingest -> clean -> dedup."),
+    "tokenizer": ("tokenizer", "Train the byte-level BPE tokenizer on the deduplicated corpus."),
+    "pack": ("pack", "Tokenize and pack the corpus into Parquet token shards (train/ and val/)."),
+    "data": ("pack", "The data chain: corpus -> tokenizer -> pack."),
+    "pretrain": ("pretrain", "Pretrain the transformer under accelerate on the token shards."),
+    "evaluate": ("evaluate", "Held-out loss, perplexity, bits per byte and multiple-choice accuracy."),
 }
+CHAIN_COMMANDS = {"corpus", "data"}
 
 
-def _corpus_command(command: str):
+def _stage_command(command: str):
+    until, help_text = STAGE_COMMANDS[command]
+
     def run(config: ConfigOpt = None, set_: SetOpt = None, data_dir: DataDirOpt = None,
             input_: InputOpt = None, force: ForceOpt = False) -> None:
         from flows.config import load_config
-        from flows.corpus import CORPUS_STAGES, corpus_flow
-        from flows.summary import print_corpus_summary
+        from flows.pipeline import STAGES, pipeline_flow
+        from flows.summary import print_summary
         from pipelines.ingest import expand_inputs
 
-        overrides = list(set_ or [])
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, list(set_ or []))
         if input_:
             cfg.ingest.inputs = list(input_)
         expand_inputs(cfg.ingest)  # a missing path or empty glob fails here, before Prefect starts
-        until = "dedup" if command == "corpus" else command
-        chain = ["sample-crawl", *CORPUS_STAGES[: CORPUS_STAGES.index(until) + 1]]
-        forced = [s for s in chain if force and (command == "corpus" or s == command)]
+        chain = ["sample-crawl", *STAGES[: STAGES.index(until) + 1]]
+        forced = [s for s in chain if force and (command in CHAIN_COMMANDS or s == command)]
         store_dir = data_dir or default_root()
-        runs = corpus_flow(config=cfg, data_dir=store_dir, until=until, force=forced)
-        print_corpus_summary(console, runs, ArtifactStore(store_dir))
+        runs = pipeline_flow(config=cfg, data_dir=store_dir, until=until, force=forced)
+        print_summary(console, runs, ArtifactStore(store_dir))
 
     run.__name__ = command
-    run.__doc__ = CORPUS_COMMANDS[command]
+    run.__doc__ = help_text
     return run
 
 
-for _name in CORPUS_COMMANDS:
-    app.command(_name, help=CORPUS_COMMANDS[_name])(_corpus_command(_name))
+for _name, (_, _help) in STAGE_COMMANDS.items():
+    app.command(_name, help=_help)(_stage_command(_name))
+
+
+ModelArg = Annotated[Optional[str], typer.Argument(
+    help="A checkpoint directory, or a fingerprint of a pretrain/sft/dpo artifact (default: the newest).")]
+
+
+def resolve_model_dir(store: ArtifactStore, spec: str | None) -> Path:
+    """A checkpoint directory from a path, an artifact fingerprint, or the newest trained model."""
+    if spec and Path(spec).is_dir():
+        path = Path(spec)
+        return path / "model" if (path / "model" / "model.safetensors").exists() else path
+    if spec and ("/" in spec or spec.startswith(".")) and _fingerprint_of(spec) == spec:
+        raise KilnError(f"{spec}: no such checkpoint directory")
+    if spec:
+        manifest = store.find(_fingerprint_of(spec))
+    else:
+        trained = [m for stage in ("pretrain", "sft", "dpo") for m in store.list(stage)]
+        if not trained:
+            raise KilnError(f"{store.url}: no trained model yet; run `kiln pretrain` first or name a checkpoint")
+        manifest = max(trained, key=lambda m: m.created)
+    return store.local_path(manifest, "model")
+
+
+@app.command()
+def generate(
+    model: ModelArg = None,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "",
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 200,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.8,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample among the k likeliest tokens.")] = 50,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling: the smallest set with this mass.")] = 0.95,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Continue a prompt with a trained model, streaming tokens as they come (KV cache)."""
+    from model.chat import load_for_generation, stream_text
+    from model.generate import SamplingConfig
+
+    loaded = load_for_generation(resolve_model_dir(ArtifactStore(data_dir or default_root()), model))
+    sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    out = Console(highlight=False, soft_wrap=True)
+    out.print(prompt, end="", style="bold")
+    for piece in stream_text(loaded, loaded.encode_document_start(prompt), sampling):
+        out.print(piece, end="")
+    out.print()
+
+
+@app.command("export")
+def export_model(
+    model: ModelArg = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the Hugging Face model.")] = Path("export"),
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Write a Hugging Face Llama directory that transformers' AutoModelForCausalLM loads."""
+    from model.export import export_llama
+
+    source = resolve_model_dir(ArtifactStore(data_dir or default_root()), model)
+    export_llama(source, output)
+    console.print(f"exported {source} -> {output} (AutoModelForCausalLM.from_pretrained({str(output)!r}))")
 
 
 @app.command()

@@ -13,11 +13,15 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from model.evaluate import EvaluateConfig
+from model.pretrain import PretrainConfig
 from pipelines.clean import CleanConfig
-from pipelines.common import ConfigError
 from pipelines.dedup import DedupConfig
 from pipelines.ingest import IngestConfig
+from pipelines.pack import PackConfig
 from pipelines.sample_crawl import SampleCrawlConfig
+from pipelines.tokenizer import TokenizerConfig
+from storage import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
@@ -33,6 +37,10 @@ class KilnConfig(BaseModel):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     clean: CleanConfig = Field(default_factory=CleanConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    pack: PackConfig = Field(default_factory=PackConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

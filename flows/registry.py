@@ -1,6 +1,10 @@
 """Every stage by name, for the generic Prefect task (its inputs must be JSON, so it gets a name)."""
 
-from pipelines import clean, dedup, ingest, sample_crawl
-from pipelines.common import Stage
+from model import evaluate, pretrain
+from pipelines import clean, dedup, ingest, pack, sample_crawl, tokenizer
+from storage import Stage
 
-STAGES: dict[str, Stage] = {s.name: s for s in (sample_crawl.STAGE, ingest.STAGE, clean.STAGE, dedup.STAGE)}
+STAGES: dict[str, Stage] = {
+    s.name: s for s in (sample_crawl.STAGE, ingest.STAGE, clean.STAGE, dedup.STAGE, tokenizer.STAGE, pack.STAGE,
+                        pretrain.STAGE, evaluate.STAGE)
+}

@@ -24,12 +24,11 @@ def stage_rows(runs: dict[str, dict]) -> list[dict[str, Any]]:
     for name, run in runs.items():
         stats = run["manifest"]["stats"]
         built_seconds = stats.get("seconds")
-        docs_out = stats.get("documents_out")
         rows.append({
             "stage": name,
             "status": "cached" if run["cached"] else "built",
             "in": stats.get("documents_in"),
-            "out": docs_out,
+            "out": stats.get("documents_out"),
             "dropped": sum((stats.get("dropped") or {}).values()),
             "seconds": run["seconds"],
             "docs_per_s": round(docs_in / built_seconds) if (docs_in := stats.get("documents_in")) and built_seconds else None,
@@ -38,15 +37,34 @@ def stage_rows(runs: dict[str, dict]) -> list[dict[str, Any]]:
     return rows
 
 
-def print_corpus_summary(console: Console, runs: dict[str, dict], store: ArtifactStore) -> None:
+def headline(stage: str, stats: dict[str, Any]) -> str:
+    """The figures that say how a stage went, beyond documents in and out."""
+    def get(key, fmt="{}"):
+        value = stats.get(key)
+        return fmt.format(value) if value is not None else None
+
+    parts = {
+        "sample-crawl": [get("pages", "{} pages")],
+        "dedup": [get("duplicate_rate", "{:.1%} duplicates")],
+        "tokenizer": [get("vocab_size", "vocab {}"), get("bytes_per_token", "{:.2f} bytes/token")],
+        "pack": [f"{stats['tokens'].get('train', 0):,} train / {stats['tokens'].get('val', 0):,} val tokens"
+                 if isinstance(stats.get("tokens"), dict) else None,
+                 get("padding_fraction", "{:.1%} padding"), get("tokens_cropped_fraction", "{:.1%} cropped")],
+        "pretrain": [get("steps", "{} steps"), get("val_bpb", "val {:.3f} bits/byte"), get("tokens_per_s", "{:,.0f} tok/s")],
+    }.get(stage, [])
+    return ", ".join(p for p in parts if p)
+
+
+def print_summary(console: Console, runs: dict[str, dict], store: ArtifactStore) -> None:
     table = Table(title="kiln: stages", title_justify="left")
-    for column in ("stage", "status", "docs in", "docs out", "dropped", "time", "docs/s", "artifact"):
-        table.add_column(column, justify="right" if column not in ("stage", "status", "artifact") else "left",
-                         no_wrap=True)
+    for column in ("stage", "status", "docs in", "docs out", "dropped", "time", "docs/s", "figures", "artifact"):
+        table.add_column(column, justify="right" if column in ("docs in", "docs out", "dropped", "time", "docs/s") else "left",
+                         no_wrap=column != "figures")
     for row in stage_rows(runs):
         table.add_row(
             row["stage"], row["status"], _count(row["in"]), _count(row["out"]), _count(row["dropped"] or None),
-            f"{row['seconds']:.1f}s", _count(row["docs_per_s"]), row["fingerprint"][:12],
+            f"{row['seconds']:.1f}s", _count(row["docs_per_s"]),
+            headline(row["stage"], runs[row["stage"]]["manifest"]["stats"]), row["fingerprint"][:12],
         )
     console.print(table)
 

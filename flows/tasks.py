@@ -18,8 +18,7 @@ from prefect import task
 from prefect.cache_policies import CachePolicy
 from prefect.tasks import exponential_backoff
 
-from pipelines.common import KilnError, Stage, StageConfig
-from storage import ArtifactStore, Manifest, StorageError
+from storage import ArtifactStore, KilnError, Manifest, Stage, StageConfig, StorageError
 
 RETRIES = 3
 

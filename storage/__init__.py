@@ -1,9 +1,12 @@
-"""Kiln's artifact store. Imports nothing else of Kiln's; see store.py for the commit protocol."""
+"""Kiln's artifact store and stage contract. Imports nothing else of Kiln's; see store.py for
+the commit protocol and stage.py for the stage protocol."""
 
 from storage.manifest import MANIFEST_NAME, FileEntry, Manifest, StorageError, canonical_json, fingerprint
-from storage.store import ArtifactStore, ArtifactWriter, default_root, sha256_of
+from storage.store import ArtifactStore, ArtifactWriter, default_root, sha256_of, swap_into_place
+from storage.stage import ConfigError, InputError, KilnError, Stage, StageConfig, TransientError
 
 __all__ = [
     "MANIFEST_NAME", "ArtifactStore", "ArtifactWriter", "FileEntry", "Manifest", "StorageError",
-    "canonical_json", "default_root", "fingerprint", "sha256_of",
+    "canonical_json", "default_root", "fingerprint", "sha256_of", "swap_into_place",
+    "ConfigError", "InputError", "KilnError", "Stage", "StageConfig", "TransientError",
 ]

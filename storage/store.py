@@ -399,15 +399,16 @@ class ArtifactWriter:
         store = self.store
         final = store.artifact_dir(self.stage, self.fingerprint)
         if store.is_local:
-            _swap_into_place(Path(self.workdir), Path(final))
+            swap_into_place(Path(self.workdir), Path(final))
         committed = store.get(self.stage, self.fingerprint, verify="size")
         if committed is None:
             raise StorageError(f"{final}: the artifact just committed does not verify")
         return committed
 
 
-def _swap_into_place(staging: Path, final: Path) -> None:
-    """Rename the finished staging directory to its final name (replacing an older build)."""
+def swap_into_place(staging: Path, final: Path) -> None:
+    """Rename a finished directory to its final name, replacing an older one: readers see the
+    old directory or the new one, never a mix."""
     if final.exists():
         trash = final.with_name(f".trash-{final.name}-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}")
         os.rename(final, trash)

@@ -1,4 +1,4 @@
-"""The corpus flow under Prefect: caching on fingerprints, partial reruns, kill -9, bad input."""
+"""The corpus stages of the pipeline flow under Prefect: caching on fingerprints, partial reruns, kill -9, bad input."""
 
 import os
 import random
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flows.config import load_config
-from flows.corpus import corpus_flow
+from flows.pipeline import pipeline_flow
 from storage import ArtifactStore
 
 # A quarter of the sample crawl keeps these flows quick; the chain is the same.
@@ -29,15 +29,15 @@ def file_hashes(manifest: dict) -> list[tuple[str, str]]:
 @pytest.mark.slow
 def test_cached_rerun_partial_rerun_and_deleted_artifact(prefect_server, tmp_path):
     data = str(tmp_path / "data")
-    first = corpus_flow(config=load_config(overrides=SMALL), data_dir=data)
+    first = pipeline_flow(until="dedup", config=load_config(overrides=SMALL), data_dir=data)
     assert statuses(first) == {"sample-crawl": "built", "ingest": "built", "clean": "built", "dedup": "built"}
     assert first["dedup"]["manifest"]["stats"]["documents_out"] > 0
 
-    again = corpus_flow(config=load_config(overrides=SMALL), data_dir=data)
+    again = pipeline_flow(until="dedup", config=load_config(overrides=SMALL), data_dir=data)
     assert set(statuses(again).values()) == {"cached"}, "the same command twice recomputes nothing"
     assert again["dedup"]["manifest"]["fingerprint"] == first["dedup"]["manifest"]["fingerprint"]
 
-    stricter = corpus_flow(config=load_config(overrides=SMALL + ["clean.gopher_quality.min_doc_words=80"]), data_dir=data)
+    stricter = pipeline_flow(until="dedup", config=load_config(overrides=SMALL + ["clean.gopher_quality.min_doc_words=80"]), data_dir=data)
     assert statuses(stricter) == {"sample-crawl": "cached", "ingest": "cached", "clean": "built", "dedup": "built"}
 
     store = ArtifactStore(data)
@@ -45,7 +45,7 @@ def test_cached_rerun_partial_rerun_and_deleted_artifact(prefect_server, tmp_pat
     import shutil
 
     shutil.rmtree(store.artifact_dir("clean", clean["fingerprint"]))
-    rebuilt = corpus_flow(config=load_config(overrides=SMALL), data_dir=data)
+    rebuilt = pipeline_flow(until="dedup", config=load_config(overrides=SMALL), data_dir=data)
     assert statuses(rebuilt)["clean"] == "built", "a deleted artifact is rebuilt, not a stale cache hit"
     assert statuses(rebuilt)["dedup"] == "cached"
     assert file_hashes(rebuilt["clean"]["manifest"]) == file_hashes(clean)

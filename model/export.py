@@ -1,0 +1,92 @@
+"""Export a Kiln checkpoint as a Hugging Face Llama directory.
+
+Kiln's model follows Llama's conventions (rotate-half RoPE, bias-free projections, RMSNorm,
+SwiGLU), so exporting is renaming weights and writing a `LlamaConfig`: the exported model's
+logits equal Kiln's (tests/model/test_export.py checks it within 1e-4).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from model.checkpoint import TOKENIZER_FILES, load_checkpoint, write_atomically
+from model.model import ModelConfig, Transformer
+
+
+def llama_config(config: ModelConfig, special_ids: dict[str, int] | None = None) -> dict:
+    special_ids = special_ids or {}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": config.ffn_hidden,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+        "bos_token_id": special_ids.get("bos"),
+        "eos_token_id": special_ids.get("eos"),
+        "pad_token_id": special_ids.get("pad"),
+    }
+
+
+def llama_state_dict(model: Transformer) -> dict:
+    """Kiln parameter names -> Hugging Face Llama names."""
+    state = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
+    for i, block in enumerate(model.blocks):
+        prefix = f"model.layers.{i}."
+        for name in ("q", "k", "v", "o"):
+            state[f"{prefix}self_attn.{name}_proj.weight"] = getattr(block.attn, f"{name}_proj").weight
+        for name in ("gate", "up", "down"):
+            state[f"{prefix}mlp.{name}_proj.weight"] = getattr(block.mlp, f"{name}_proj").weight
+        state[f"{prefix}input_layernorm.weight"] = block.attn_norm.weight
+        state[f"{prefix}post_attention_layernorm.weight"] = block.mlp_norm.weight
+    if not model.config.tie_embeddings:
+        state["lm_head.weight"] = model.head.weight
+    return {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
+
+
+def _special_ids(checkpoint: Path) -> dict[str, int]:
+    """bos/eos/pad ids from the checkpoint's tokenizer files, when it has them."""
+    try:
+        vocab = json.loads((checkpoint / "tokenizer.json").read_text())["added_tokens"]
+        tokens = json.loads((checkpoint / "special_tokens_map.json").read_text())
+    except (FileNotFoundError, KeyError, ValueError):
+        return {}
+    ids = {t["content"]: t["id"] for t in vocab}
+    named = {key: (value["content"] if isinstance(value, dict) else value) for key, value in tokens.items()}
+    return {key[: -len("_token")]: ids[token] for key, token in named.items()
+            if key in ("bos_token", "eos_token", "pad_token") and token in ids}
+
+
+def export_llama(checkpoint: Path, output: Path) -> Path:
+    """Write `output/` with config.json, model.safetensors and the tokenizer files."""
+    checkpoint, output = Path(checkpoint), Path(output)
+    model, _ = load_checkpoint(checkpoint)
+    config = llama_config(model.config, _special_ids(checkpoint))
+
+    def fill(temp: Path) -> None:
+        (temp / "config.json").write_text(json.dumps(config, indent=2))
+        (temp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
+             "pad_token_id": config["pad_token_id"]}, indent=2))
+        save_file(llama_state_dict(model), str(temp / "model.safetensors"), metadata={"format": "pt"})
+        for name in TOKENIZER_FILES:
+            if (checkpoint / name).exists():
+                shutil.copyfile(checkpoint / name, temp / name)
+
+    write_atomically(output, fill)
+    return output

@@ -1,0 +1,143 @@
+"""Start a training script under `accelerate launch`, stream its log, and never leave it orphaned.
+
+Multi-process on CPU needs care: `accelerate launch --cpu --num_processes 2` silently runs one
+process. What really starts N ranks over gloo is `--multi_gpu --num_processes N` with
+`ACCELERATE_USE_CPU=true`; the training script then checks the world size it was asked for.
+On GPUs, a config from `configs/accelerate/` picks DDP, FSDP or DeepSpeed ZeRO-2.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage import ConfigError
+
+log = logging.getLogger("kiln")
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+
+
+class LaunchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_processes: int = Field(1, ge=1, description="Processes (ranks): GPUs, or CPU processes over gloo.")
+    accelerate_config: str | None = Field(
+        None, description="A file in configs/accelerate (single_gpu, ddp, fsdp, deepspeed_zero2) or a path.")
+    num_machines: int = Field(1, ge=1, description="Nodes; with more than one, set machine_rank and main_process_ip.")
+    machine_rank: int = Field(0, ge=0)
+    main_process_ip: str | None = None
+    main_process_port: int | None = Field(None, description="Rendezvous port; default: a free one.")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no usable CUDA
+        return 0
+
+
+def accelerate_command(script_module: str, run_json: Path, launch: LaunchConfig) -> tuple[list[str], dict[str, str]]:
+    """The `accelerate launch` command line and environment for a run."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    args = [sys.executable, "-m", "accelerate.commands.launch"]
+    if launch.accelerate_config:
+        path = Path(launch.accelerate_config)
+        if not path.exists():
+            path = ACCELERATE_CONFIGS / f"{launch.accelerate_config.removesuffix('.yaml')}.yaml"
+        if not path.exists():
+            raise ConfigError(f"{launch.accelerate_config}: no such accelerate config (see {ACCELERATE_CONFIGS})")
+        args += ["--config_file", str(path)]
+    gpus = _gpu_count()
+    if launch.num_processes > 1 and gpus == 0:
+        env["ACCELERATE_USE_CPU"] = "true"  # with --multi_gpu: N real CPU ranks over gloo
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.num_processes)))
+        args += ["--multi_gpu"]
+    elif launch.num_processes > 1 and not launch.accelerate_config:
+        args += ["--multi_gpu"]
+    elif gpus == 0:
+        args += ["--cpu"]
+    args += ["--num_processes", str(launch.num_processes * launch.num_machines),
+             "--num_machines", str(launch.num_machines), "--machine_rank", str(launch.machine_rank),
+             "--main_process_port", str(launch.main_process_port or _free_port())]
+    if launch.main_process_ip:
+        args += ["--main_process_ip", launch.main_process_ip]
+    if not launch.accelerate_config:
+        args += ["--mixed_precision", "no", "--dynamo_backend", "no"]  # the script decides precision
+    return [*args, "-m", script_module, str(run_json)], env
+
+
+class TrainingFailed(RuntimeError):
+    """The training process exited non-zero; retrying resumes from its last checkpoint."""
+
+
+def run_accelerate(script_module: str, run_json: Path, launch: LaunchConfig, log_file: Path) -> None:
+    """Run to completion, streaming lines to the `kiln` logger (and all of them to log_file).
+
+    The child gets its own process group; whatever ends this function early (an exception,
+    Prefect cancelling the run, Ctrl-C) takes the whole group down with it.
+    """
+    command, env = accelerate_command(script_module, run_json, launch)
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               bufsize=1, start_new_session=True)
+    try:
+        with open(log_file, "a") as sink:
+            for line in process.stdout:
+                sink.write(line)
+                tail.append(line.rstrip())
+                _forward(line.rstrip())
+        code = process.wait()
+    finally:
+        _stop(process)
+    if code != 0:
+        user_error = next((l for l in reversed(tail) if l.startswith("kiln:")), None)
+        if user_error:
+            raise ConfigError(user_error.removeprefix("kiln: "))
+        raise TrainingFailed(f"training exited with status {code}; last lines:\n" + "\n".join(list(tail)[-15:]))
+
+
+_last_other_line = 0.0
+
+
+def _forward(line: str) -> None:
+    """Our own progress lines go to the log; other output (library warnings) at most once a second."""
+    global _last_other_line
+    if not line:
+        return
+    if line.startswith("[") or line.startswith("kiln:"):
+        log.info(line)
+    elif time.monotonic() - _last_other_line > 1.0:
+        _last_other_line = time.monotonic()
+        log.info(line[:300])
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
