@@ -9,6 +9,7 @@ being answered from Prefect's cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from prefect import task
 from prefect.cache_policies import CachePolicy
 from prefect.tasks import exponential_backoff
 
+from flows.reports import publish
 from storage import ArtifactStore, KilnError, Manifest, Stage, StageConfig, StorageError
 
 RETRIES = 3
@@ -70,12 +72,43 @@ def should_retry(task, task_run, state) -> bool:
 def stage_task(stage_name: str, config: dict, inputs: list[dict], data_dir: str, force: bool = False) -> dict:
     stage, stage_config, manifests = _resolve(stage_name, config, inputs)
     started = time.perf_counter()
-    manifest = stage.run(stage_config, manifests, ArtifactStore(data_dir), force=force)
+    with device_slots(stage_name, stage_config):
+        manifest = stage.run(stage_config, manifests, ArtifactStore(data_dir), force=force)
     return {
         "manifest": manifest.model_dump(mode="json"),
         "built": manifest.built,
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+TRAINING_STAGES = ("pretrain", "sft", "dpo")
+
+
+@contextlib.contextmanager
+def device_slots(stage_name: str, config: StageConfig):
+    """Training holds one slot of the global `gpu` limit per GPU it uses (`cpu-training`, one
+    slot, on a machine without GPUs), so concurrent runs queue for devices instead of sharing
+    them. The limit is created on first use with as many slots as the machine has GPUs."""
+    if stage_name not in TRAINING_STAGES:
+        yield
+        return
+    import torch
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectNotFound
+
+    gpus = torch.cuda.device_count()
+    name, capacity = ("gpu", gpus) if gpus else ("cpu-training", 1)
+    launch = getattr(config, "launch", None)
+    wanted = min(capacity, getattr(launch, "num_processes", 1)) if gpus else 1
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=capacity))
+    with concurrency(name, occupy=wanted, lease_duration=600, raise_on_lease_renewal_failure=False):
+        yield
 
 
 def run_stage(stage_name: str, config: StageConfig, inputs: list[dict], data_dir: str, force: bool = False) -> dict:
@@ -91,4 +124,7 @@ def run_stage(stage_name: str, config: StageConfig, inputs: list[dict], data_dir
     )
     result = state.result()  # raises the stage's own exception when it failed
     cached = state.name == "Cached" or not result["built"]
-    return {**result, "cached": cached, "seconds": round(time.perf_counter() - started, 3)}
+    run = {**result, "cached": cached, "seconds": round(time.perf_counter() - started, 3)}
+    store = ArtifactStore(data_dir)
+    publish(stage_name, run, store.uri(Manifest.model_validate(result["manifest"])))
+    return run

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -89,7 +90,8 @@ def test_resume_after_sigkill_logs_the_same_losses(data, tmp_path):
     victim.wait()
 
     resumed = pretrain.STAGE.run(config(), [packed, tok], killed_store)
-    assert "resumed from step-00000008" in killed_store.local_path(resumed, "train.log").read_text()
+    log = killed_store.local_path(resumed, "train.log").read_text()
+    assert re.search(r"resumed from step-000000(08|16) \(step (8|16)\)", log), "resumed, not restarted from step 0"
     assert losses(killed_store, resumed) == losses(reference_store, reference), "bit-identical on CPU"
 
 
