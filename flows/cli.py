@@ -3,6 +3,7 @@ built comes back from the cache, so `kiln clean` after `kiln ingest` only cleans
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -40,8 +41,10 @@ STAGE_COMMANDS = {
     "data": ("pack", "The data chain: corpus -> tokenizer -> pack."),
     "pretrain": ("pretrain", "Pretrain the transformer under accelerate on the token shards."),
     "evaluate": ("evaluate", "Held-out loss, perplexity, bits per byte and multiple-choice accuracy."),
+    "run": ("evaluate", "The whole pipeline on the run config: crawl to evaluated model, with a sample."),
 }
-CHAIN_COMMANDS = {"corpus", "data"}
+CHAIN_COMMANDS = {"corpus", "data", "run"}
+UI_URL = "http://127.0.0.1:4200"
 
 
 def _stage_command(command: str):
@@ -61,8 +64,15 @@ def _stage_command(command: str):
         chain = ["sample-crawl", *STAGES[: STAGES.index(until) + 1]]
         forced = [s for s in chain if force and (command in CHAIN_COMMANDS or s == command)]
         store_dir = data_dir or default_root()
-        runs = pipeline_flow(config=cfg, data_dir=store_dir, until=until, force=forced)
+        with prefect_api() as ui:
+            state = pipeline_flow(config=cfg, data_dir=store_dir, until=until, force=forced, return_state=True)
+            runs = state.result()
         print_summary(console, runs, ArtifactStore(store_dir))
+        run_id = state.state_details.flow_run_id
+        if ui:
+            console.print(f"this run in the Prefect UI: {ui}/runs/flow-run/{run_id}")
+        else:
+            console.print(f"to browse runs in the Prefect UI: `kiln server`, then rerun; or open {UI_URL} if one is up")
 
     run.__name__ = command
     run.__doc__ = help_text
@@ -71,6 +81,66 @@ def _stage_command(command: str):
 
 for _name, (_, _help) in STAGE_COMMANDS.items():
     app.command(_name, help=_help)(_stage_command(_name))
+
+
+@contextlib.contextmanager
+def prefect_api():
+    """Use the Prefect server on 127.0.0.1:4200 when one is up (`kiln server`), so runs show in
+    its UI; otherwise Prefect's temporary local server. Yields the UI's URL or None."""
+    import os
+    import urllib.request
+
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"].removesuffix("/api")
+        return
+    try:
+        with urllib.request.urlopen(f"{UI_URL}/api/health", timeout=0.5) as response:
+            up = response.status == 200
+    except OSError:
+        up = False
+    if not up:
+        yield None
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: f"{UI_URL}/api"}):
+        yield UI_URL
+
+
+@app.command()
+def server(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the API and UI.")] = 4200,
+) -> None:
+    """Start the Prefect server and UI (SQLite in $PREFECT_HOME); `kiln` commands then run in it."""
+    import os
+
+    env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    console.print(f"Prefect UI on http://{host}:{port} (Ctrl-C stops it)")
+    os.execvpe(sys.executable, [sys.executable, "-m", "prefect", "server", "start", "--host", host,
+                                "--port", str(port)], env)
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    refresh_input: Annotated[Optional[list[str]], typer.Option(
+        "--refresh-input", help="Crawl files the scheduled refresh looks at (glob, directory, listing).")] = None,
+    cron: Annotated[str, typer.Option(help="When the corpus refresh runs (cron, server time zone).")] = "0 3 * * *",
+) -> None:
+    """Register the deployments (pipeline, each stage, scheduled corpus refresh) and run them."""
+    import os
+
+    from flows.deployments import serve_deployments
+
+    with prefect_api() as ui:
+        if not ui:
+            raise KilnError(f"no Prefect server at {UI_URL}: start one with `kiln server` (or set PREFECT_API_URL)")
+        os.environ.setdefault("PREFECT_API_URL", f"{ui}/api")  # the runner's flow-run processes use it too
+        console.print(f"serving Kiln deployments; trigger them from {ui}/deployments")
+        serve_deployments(str(Path(data_dir or default_root()).resolve()) if "://" not in (data_dir or "") else data_dir,
+                          str(config or "tiny"), list(refresh_input or []), cron)
 
 
 ModelArg = Annotated[Optional[str], typer.Argument(

@@ -1,0 +1,39 @@
+"""`kiln chat`: talk to a trained model in the terminal (registered in flows/cli.py).
+
+The loop itself is `model.chat.run_chat`; this is the command line around it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+
+def chat(
+    model: Annotated[Optional[str], typer.Argument(
+        help="A checkpoint directory, or a fingerprint of a pretrain/sft/dpo artifact (default: the newest).")] = None,
+    data_dir: Annotated[Optional[str], typer.Option(
+        "--data-dir", help="Artifact store: a directory or fsspec URL (default ./data or $KILN_DATA).")] = None,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample among the k likeliest tokens.")] = 50,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling: the smallest set with this mass.")] = 0.95,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per reply.")] = 256,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
+    system: Annotated[Optional[str], typer.Option(help="A system message to start the conversation with.")] = None,
+) -> None:
+    """Chat with a trained model: streamed replies, history kept in the KV cache; /reset, /exit."""
+    from flows.cli import resolve_model_dir
+    from model.chat import load_for_generation, run_chat
+    from model.generate import SamplingConfig
+    from storage import ArtifactStore, default_root
+
+    loaded = load_for_generation(resolve_model_dir(ArtifactStore(data_dir or default_root()), model))
+    sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:
+            pass
+    run_chat(loaded, input, sys.stdout, sampling, system=system)
