@@ -115,7 +115,11 @@ def server(
     """Start the Prefect server and UI (SQLite in $PREFECT_HOME); `kiln` commands then run in it."""
     import os
 
-    env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    # The UI finds the API through these settings, not through --port / --host.
+    ui_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
+               PREFECT_SERVER_API_HOST=host, PREFECT_SERVER_API_PORT=str(port))
+    env.setdefault("PREFECT_UI_API_URL", f"http://{ui_host}:{port}/api")
     console.print(f"Prefect UI on http://{host}:{port} (Ctrl-C stops it)")
     os.execvpe(sys.executable, [sys.executable, "-m", "prefect", "server", "start", "--host", host,
                                 "--port", str(port)], env)

@@ -2,9 +2,10 @@
 
 The task's inputs are small and JSON-able (the stage's config, the input manifests and the
 data root); its result is the output manifest, never the data. The cache key is the
-fingerprint of the artifact the task would build, and it is only offered while that
-artifact is present and verifies, so a deleted or damaged artifact is rebuilt instead of
-being answered from Prefect's cache.
+fingerprint of the artifact the task would build. Before each call the flow checks that
+artifact: when it is missing or fails verification, the call refreshes the cache (runs and
+records anew) instead of answering from it, so a deleted artifact is rebuilt, never a stale
+hit; the first run records its result under the key, so the second run is a cache hit.
 """
 
 from __future__ import annotations
@@ -38,18 +39,22 @@ def _resolve(stage_name: str, config: dict, inputs: list[dict]) -> tuple[Stage, 
 
 @dataclass
 class ArtifactFingerprint(CachePolicy):
-    """Prefect cache key = the output artifact's fingerprint, offered only while it verifies."""
+    """Prefect cache key = the output artifact's fingerprint (and the store it lives in)."""
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
-        if inputs.get("force"):
-            return None
         stage, config, manifests = _resolve(inputs["stage_name"], inputs["config"], inputs["inputs"])
-        fp = stage.fingerprint(config, manifests)
-        store = ArtifactStore(inputs["data_dir"])
-        if store.get(stage.name, fp) is None:
-            return None
-        root = hashlib.sha256(store.url.encode()).hexdigest()[:12]
-        return f"kiln-{stage.name}-{fp}-{root}"
+        return cache_key(stage, stage.fingerprint(config, manifests), inputs["data_dir"])
+
+
+def cache_key(stage: Stage, fp: str, data_dir: str) -> str:
+    root = hashlib.sha256(ArtifactStore(data_dir).url.encode()).hexdigest()[:12]
+    return f"kiln-{stage.name}-{fp}-{root}"
+
+
+def artifact_is_intact(stage_name: str, config: StageConfig, inputs: list[dict], data_dir: str) -> bool:
+    stage = _stages()[stage_name]
+    fp = stage.fingerprint(config, [Manifest.model_validate(i["manifest"]) for i in inputs])
+    return ArtifactStore(data_dir).get(stage_name, fp) is not None
 
 
 def should_retry(task, task_run, state) -> bool:
@@ -118,13 +123,14 @@ def run_stage(stage_name: str, config: StageConfig, inputs: list[dict], data_dir
     had already committed.
     """
     started = time.perf_counter()
-    state = stage_task.with_options(name=stage_name, task_run_name=stage_name)(
+    refresh = force or not artifact_is_intact(stage_name, config, inputs, data_dir)
+    state = stage_task.with_options(name=stage_name, task_run_name=stage_name, refresh_cache=refresh)(
         stage_name, config.model_dump(mode="json"), [i["manifest"] for i in inputs], data_dir, force,
         return_state=True,
     )
     result = state.result()  # raises the stage's own exception when it failed
     cached = state.name == "Cached" or not result["built"]
-    run = {**result, "cached": cached, "seconds": round(time.perf_counter() - started, 3)}
+    run = {**result, "cached": cached, "state": state.name, "seconds": round(time.perf_counter() - started, 3)}
     store = ArtifactStore(data_dir)
     publish(stage_name, run, store.uri(Manifest.model_validate(result["manifest"])))
     return run

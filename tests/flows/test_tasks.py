@@ -51,6 +51,7 @@ def test_cache_hit_needs_the_artifact(prefect_server, flaky_stage, tmp_path):
     first = one_stage(FlakyConfig(), str(tmp_path))
     second = one_stage(FlakyConfig(), str(tmp_path))
     assert not first["cached"] and second["cached"] and len(ATTEMPTS) == 1
+    assert second["state"] == "Cached", "the second run is Prefect's own cache hit"
     (tmp_path / "flaky" / first["manifest"]["fingerprint"] / "out.txt").unlink()
     third = one_stage(FlakyConfig(), str(tmp_path))
     assert not third["cached"] and len(ATTEMPTS) == 2
