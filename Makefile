@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/kiln corpus
+	$(VENV)/bin/kiln run
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest

@@ -9,9 +9,11 @@ source files (the standard library, then installed packages) until ``--mb`` mega
 
 * raw: ``Tokenizer(BPE())`` with the same pre-tokenizer (GPT-4 split + byte level), decoder and
   ``BpeTrainer`` settings, ``train_from_iterator`` over exactly the documents the stage trains
-  on (the stage holds ~1% out), then ``save``. Two feeds: ``raw-iter`` streams the documents
-  one at a time from a JSON-lines file (nothing held), ``raw-list`` loads them into a list first.
-  The raw child imports only ``tokenizers`` and ``json`` (not Kiln, pyarrow or pydantic).
+  on (the stage holds ~1% out), then ``save``. Three feeds: ``raw-parquet`` streams them from
+  one Parquet file with pyarrow (``iter_batches``, as any trainer on a Parquet corpus would: the
+  peer the ratios are taken against), ``raw-iter`` one at a time from a JSON-lines file (nothing
+  held, no pyarrow), ``raw-list`` loads them into a list first. The raw children import only
+  ``tokenizers``, ``json`` and (raw-parquet) ``pyarrow.parquet``: not Kiln, fsspec or pydantic.
 * stage: ``STAGE.run(TokenizerConfig(...), [artifact], store, force=True)``: the key pass, the
   streamed training from Parquet, the held-out encoding, the output files, the manifest.
 
@@ -44,6 +46,7 @@ SHARED = ROOT.parent / "shared" / "data"
 READ_BATCH = 1024
 VOCAB_SIZE = 8192
 MAX_DOC_CHARS = 50_000
+SHARDS = 8
 
 
 def _cpu_seconds() -> float:
@@ -81,6 +84,16 @@ def child_raw(spec: dict) -> dict:
         with open(spec["jsonl"], encoding="utf-8") as handle:
             for line in handle:
                 yield json.loads(line)
+
+    if spec["side"] == "raw-parquet":
+        import pyarrow.parquet as pq
+
+        rss_before = _memory_mb("VmRSS")
+
+        def documents():  # noqa: F811 - the Parquet feed
+            parquet = pq.ParquetFile(spec["parquet"])
+            for batch in parquet.iter_batches(batch_size=spec["batch_size"], columns=["text"]):
+                yield from batch.column(0).to_pylist()
 
     if spec["side"] == "raw-list":
         texts = list(documents())
@@ -186,7 +199,7 @@ def corpus(megabytes: float) -> list[str]:
     return docs
 
 
-def write_artifact(store, docs: list[str], shards: int = 8):
+def write_artifact(store, docs: list[str], shards: int = SHARDS):
     import pyarrow as pa
 
     from pipelines.common import shard_name
@@ -244,7 +257,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(ROOT))
-    from pipelines.tokenizer import GPT4_PATTERN, SPECIAL_TOKENS
+    from pipelines.tokenizer import GPT4_PATTERN, SPECIAL_TOKENS, TokenizerConfig
     from storage import ArtifactStore
 
     with tempfile.TemporaryDirectory(prefix="kiln-bench-tokenizer-") as work_dir:
@@ -260,12 +273,20 @@ def main() -> None:
         corpus_bytes = sum(len(d.encode()) for d in docs)
         print(f"corpus: {len(docs)} documents, {corpus_bytes / 1e6:.1f} MB; the stage trains on {len(train)} "
               f"({sum(len(t.encode()) for t in train) / 1e6:.1f} MB); {args.threads} threads; vocab {VOCAB_SIZE}")
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        # Row groups the size of the artifact's shards (one group each): the same reads as the stage's.
+        train_parquet = work / "train.parquet"
+        pq.write_table(pa.table({"text": train}), train_parquet, compression="zstd",
+                       row_group_size=-(-len(docs) // SHARDS))
         del docs, train
 
         common = {"pattern": GPT4_PATTERN, "special_tokens": SPECIAL_TOKENS, "vocab_size": VOCAB_SIZE,
                   "min_frequency": 2, "threads": args.threads, "jsonl": str(jsonl),
-                  "store": str(store.root), "artifact": artifact.fingerprint}
-        sides = ["raw-iter", "stage", "raw-list"]
+                  "store": str(store.root), "artifact": artifact.fingerprint,
+                  "parquet": str(train_parquet), "batch_size": TokenizerConfig().batch_size}
+        sides = ["raw-parquet", "stage", "raw-iter", "raw-list"]
         runs: dict[str, list[dict]] = {side: [] for side in sides}
         for repeat in range(args.repeats):
             order = sides if repeat % 2 == 0 else sides[::-1]
@@ -276,7 +297,7 @@ def main() -> None:
                 print(f"  {repeat + 1}/{args.repeats} {side:9s} {result['seconds']:7.2f} s  "
                       f"cpu {result['cpu_seconds']:7.2f} s   "
                       f"peak {result['peak_mb']:7.1f} MB   (after imports {result['rss_before_mb']:.1f} MB)")
-        reference = work / "raw-iter-0.json"
+        reference = work / "raw-parquet-0.json"
         identical = {side: all(same_model(reference, work / f"{side}-{r}.json") for r in range(args.repeats))
                      for side in sides}
         stage_stats = runs["stage"][-1].get("stats", {})
@@ -303,7 +324,7 @@ def main() -> None:
                 (summary["stage"]["median_peak_mb"] - summary["stage"]["median_rss_after_imports_mb"])
                 / (summary[baseline]["median_peak_mb"] - summary[baseline]["median_rss_after_imports_mb"]), 3),
         }
-        for baseline in ("raw-iter", "raw-list")
+        for baseline in ("raw-parquet", "raw-iter", "raw-list")
     }
     print()
     print(f"{'side':10s} {'best s':>8s} {'median s':>9s} {'median cpu s':>13s} {'peak MB':>8s} "

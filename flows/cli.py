@@ -40,6 +40,8 @@ STAGE_COMMANDS = {
     "pack": ("pack", "Tokenize and pack the corpus into Parquet token shards (train/ and val/)."),
     "data": ("pack", "The data chain: corpus -> tokenizer -> pack."),
     "pretrain": ("pretrain", "Pretrain the transformer under accelerate on the token shards."),
+    "sft": ("sft", "Supervised fine-tuning on instruction data (offline default: Q&A from the stdlib docs)."),
+    "dpo": ("dpo", "Preference tuning (DPO or IPO) of the SFT model."),
     "evaluate": ("evaluate", "Held-out loss, perplexity, bits per byte and multiple-choice accuracy."),
     "run": ("evaluate", "The whole pipeline on the run config: crawl to evaluated model, with a sample."),
 }
@@ -190,6 +192,15 @@ def generate(
     for piece in stream_text(loaded, loaded.encode_document_start(prompt), sampling):
         out.print(piece, end="")
     out.print()
+
+
+def _register_chat() -> None:
+    from flows.chat_command import chat
+
+    app.command("chat")(chat)
+
+
+_register_chat()
 
 
 @app.command("export")

@@ -13,8 +13,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from model.dpo import DPOConfig
 from model.evaluate import EvaluateConfig
 from model.pretrain import PretrainConfig
+from model.sft import SFTConfig
 from pipelines.clean import CleanConfig
 from pipelines.dedup import DedupConfig
 from pipelines.ingest import IngestConfig
@@ -40,6 +42,8 @@ class KilnConfig(BaseModel):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     pack: PackConfig = Field(default_factory=PackConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
 

@@ -9,7 +9,6 @@ the newest corpus, and continues down the chain.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import logging
 from typing import Any
@@ -19,7 +18,7 @@ from prefect.types.entrypoint import EntrypointType
 
 from flows.config import KilnConfig, load_config
 from flows.pipeline import SECTIONS, STAGES, pipeline_flow
-from storage import ArtifactStore, default_root
+from storage import ArtifactStore, default_root, local_sha256
 
 log = logging.getLogger("kiln")
 
@@ -55,16 +54,12 @@ dedup_stage = _stage_flow("dedup")
 tokenizer_stage = _stage_flow("tokenizer")
 pack_stage = _stage_flow("pack")
 pretrain_stage = _stage_flow("pretrain")
+sft_stage = _stage_flow("sft")
+dpo_stage = _stage_flow("dpo")
 evaluate_stage = _stage_flow("evaluate")
-STAGE_FLOWS = [ingest_stage, clean_stage, dedup_stage, tokenizer_stage, pack_stage, pretrain_stage, evaluate_stage]
+STAGE_FLOWS = [ingest_stage, clean_stage, dedup_stage, tokenizer_stage, pack_stage, pretrain_stage, sft_stage,
+               dpo_stage, evaluate_stage]
 
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def ingested_sources(store: ArtifactStore, fingerprint: str) -> set[tuple[str, str]]:
@@ -92,7 +87,7 @@ def corpus_refresh(crawl: list[str], base_config: str = "tiny", data_dir: str = 
     seen = ingested_sources(store, latest.fingerprint) if latest else set()
     seen_urls = {url for url, _ in seen}
     new = [f for f in expand_inputs(config.ingest)
-           if ((f, _sha256(f)) not in seen if "://" not in f else f not in seen_urls)]
+           if ((f, local_sha256(f)) not in seen if "://" not in f else f not in seen_urls)]
     if not new:
         log.info("corpus refresh: no new crawl files among %d", len(crawl))
         return {}

@@ -1,6 +1,6 @@
 """The pipeline flow: every stage in order, each a cached task; `until` stops the chain early.
 
-    crawl -> ingest -> clean -> dedup -> tokenizer -> pack -> pretrain -> evaluate
+    crawl -> ingest -> clean -> dedup -> tokenizer -> pack -> pretrain -> sft -> dpo -> evaluate
 
 With no crawl input the offline sample crawl is made first. Each stage's inputs are named in
 CHAIN; a stage runs only when its output artifact is missing (the task's cache).
@@ -22,7 +22,9 @@ CHAIN: dict[str, tuple[str, ...]] = {
     "tokenizer": ("dedup",),
     "pack": ("dedup", "tokenizer"),
     "pretrain": ("pack", "tokenizer"),
-    "evaluate": ("pretrain", "pack", "tokenizer"),
+    "sft": ("pretrain", "tokenizer"),
+    "dpo": ("sft", "tokenizer"),
+    "evaluate": ("dpo", "pack", "tokenizer"),
 }
 STAGES = tuple(CHAIN)
 SECTIONS = {"sample-crawl": "sample_crawl"}  # stage name -> config section, where they differ

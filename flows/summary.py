@@ -1,7 +1,8 @@
 """The tables printed at the end of a command: what ran, what it made, what it dropped and why.
 
 Stages report their numbers in the manifest's stats with shared key names:
-`documents_in`, `documents_out`, `dropped` ({reason: count}), `seconds`.
+`documents_in`, `documents_out`, `dropped` ({reason: count}; clean's is `rejected`, by filter),
+`seconds`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ def _count(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else ("-" if value is None else str(value))
 
 
+def dropped(stats: dict[str, Any]) -> dict[str, int]:
+    return stats.get("dropped") or stats.get("rejected") or {}
+
+
 def stage_rows(runs: dict[str, dict]) -> list[dict[str, Any]]:
     rows = []
     for name, run in runs.items():
@@ -29,7 +34,7 @@ def stage_rows(runs: dict[str, dict]) -> list[dict[str, Any]]:
             "status": "cached" if run["cached"] else "built",
             "in": stats.get("documents_in"),
             "out": stats.get("documents_out"),
-            "dropped": sum((stats.get("dropped") or {}).values()),
+            "dropped": sum(dropped(stats).values()),
             "seconds": run["seconds"],
             "docs_per_s": round(docs_in / built_seconds) if (docs_in := stats.get("documents_in")) and built_seconds else None,
             "fingerprint": run["manifest"]["fingerprint"],
@@ -51,6 +56,14 @@ def headline(stage: str, stats: dict[str, Any]) -> str:
                  if isinstance(stats.get("tokens"), dict) else None,
                  get("padding_fraction", "{:.1%} padding"), get("tokens_cropped_fraction", "{:.1%} cropped")],
         "pretrain": [get("steps", "{} steps"), get("val_bpb", "val {:.3f} bits/byte"), get("tokens_per_s", "{:,.0f} tok/s")],
+        "sft": [get("steps", "{} steps"),
+                f"held-out response loss {stats['pretrained_val_response_loss']:.2f} -> {stats['val_response_loss']:.2f}"
+                if "val_response_loss" in stats and "pretrained_val_response_loss" in stats else None],
+        "dpo": [get("steps", "{} steps"), get("val_reward_accuracy", "held-out reward accuracy {:.2f}"),
+                get("val_reward_margin", "margin {:.2f}")],
+        "evaluate": [get("val_bpb", "val {:.3f} bits/byte"), get("val_ppl", "ppl {:.1f}"),
+                     f"multiple choice {stats['mc_acc']:.2f} (chance {stats['mc_chance']:.2f})"
+                     if "mc_acc" in stats and "mc_chance" in stats else None],
     }.get(stage, [])
     return ", ".join(p for p in parts if p)
 
@@ -72,8 +85,9 @@ def print_summary(console: Console, runs: dict[str, dict], store: ArtifactStore)
     for column in ("stage", "reason", "documents"):
         reasons.add_column(column, justify="right" if column == "documents" else "left")
     for name, run in runs.items():
-        for reason, count in sorted((run["manifest"]["stats"].get("dropped") or {}).items(), key=lambda kv: -kv[1]):
-            reasons.add_row(name, reason, _count(count))
+        for reason, count in sorted(dropped(run["manifest"]["stats"]).items(), key=lambda kv: -kv[1]):
+            if count:
+                reasons.add_row(name, reason, _count(count))
     if reasons.row_count:
         console.print(reasons)
 
@@ -81,6 +95,13 @@ def print_summary(console: Console, runs: dict[str, dict], store: ArtifactStore)
     if dedup.get("documents_in"):
         rate = 1 - dedup.get("documents_out", 0) / dedup["documents_in"]
         console.print(f"duplicate rate: {rate:.1%}")
+    evaluated = runs.get("evaluate", {}).get("manifest", {}).get("stats", {})
+    if evaluated.get("sample") is not None:
+        console.print(f"sample generation: {evaluated['sample']}", markup=False, highlight=False)
+    if evaluated.get("chat_sample"):
+        chat = evaluated["chat_sample"]
+        console.print(f"sample chat:  user: {chat['user']}\n        assistant: {chat['assistant']}", markup=False,
+                      highlight=False)
     last = list(runs.values())[-1]["manifest"]
     console.print(f"artifacts in {store.url}; trace one with: kiln lineage {last['fingerprint'][:12]}")
 

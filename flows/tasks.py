@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -24,6 +28,7 @@ from flows.reports import publish
 from storage import ArtifactStore, KilnError, Manifest, Stage, StageConfig, StorageError
 
 RETRIES = 3
+log = logging.getLogger("kiln")
 
 
 def _stages() -> dict[str, Stage]:
@@ -87,6 +92,7 @@ def stage_task(stage_name: str, config: dict, inputs: list[dict], data_dir: str,
 
 
 TRAINING_STAGES = ("pretrain", "sft", "dpo")
+LEASE_SECONDS = 60  # the least the server accepts
 
 
 @contextlib.contextmanager
@@ -112,8 +118,39 @@ def device_slots(stage_name: str, config: StageConfig):
             client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=capacity))
-    with concurrency(name, occupy=wanted, lease_duration=600, raise_on_lease_renewal_failure=False):
+        held = contextlib.ExitStack()
+        while True:  # wait for the slots, taking back those of killed runs every lease period
+            release_lapsed_leases(client)
+            try:
+                # The holder renews its lease every 3/4 of LEASE_SECONDS while the stage runs.
+                held.enter_context(concurrency(name, occupy=wanted, lease_duration=LEASE_SECONDS,
+                                               timeout_seconds=LEASE_SECONDS, raise_on_lease_renewal_failure=False))
+                break
+            except TimeoutError:
+                log.info("%s: waiting for a %s slot (another run is training)", stage_name, name)
+    with held:
         yield
+
+
+def release_lapsed_leases(client) -> None:
+    """Free the slots of runs killed while holding them (SIGKILL: no release).
+
+    Their leases lapse, but Prefect's temporary server, which `kiln` commands use when no
+    server is up, runs no background services, so nothing revokes them and the slot stays
+    taken for good. This does what a full server's repossessor does: release every lapsed
+    lease in the lease storage (on disk in PREFECT_HOME, see flows/__init__.py)."""
+    from prefect.settings import get_current_settings
+
+    index = Path(get_current_settings().home) / "concurrency_leases" / "expirations.json"
+    try:
+        expirations = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return
+    now = datetime.now(timezone.utc)
+    for lease_id, expires in expirations.items():
+        if datetime.fromisoformat(expires) < now:
+            with contextlib.suppress(Exception):  # revoked meanwhile by the server or another run
+                client.release_concurrency_slots_with_lease(lease_id)
 
 
 def run_stage(stage_name: str, config: StageConfig, inputs: list[dict], data_dir: str, force: bool = False) -> dict:

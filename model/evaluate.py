@@ -138,6 +138,9 @@ class EvaluateConfig(StageConfig):
     mc_questions: int = Field(200, ge=1, description="Questions in the built continuation task.")
     sample_prompt: str = Field("The", description="A prompt for the sample generation recorded with the results.")
     sample_tokens: int = Field(60, ge=1)
+    chat_prompt: str | None = Field("What does `json.dumps` do?",
+                                    description="A user message answered (greedily) when the model is a chat model "
+                                                "(SFT or DPO); None: no chat sample.")
 
 
 def _model_dir(store: ArtifactStore, manifest: Manifest) -> Path:
@@ -166,6 +169,20 @@ def _val_documents(store: ArtifactStore, pack: Manifest, tokenizer, bos_id: int,
     return texts
 
 
+def chat_reply(model, model_dir: Path, config: EvaluateConfig) -> str:
+    """The model's greedy reply to `chat_prompt`, in the chat format stored with it."""
+    from model.chat import STOP_TOKENS
+    from model.chat_format import ChatFormat
+    from model.generate import SamplingConfig, generate_tokens
+
+    chat = ChatFormat.from_dir(model_dir)
+    prompt = chat.encode([{"role": "user", "content": config.chat_prompt}], add_generation_prompt=True).ids
+    stop = {chat.tokenizer.token_to_id(t) for t in STOP_TOKENS} - {None}
+    reply = list(generate_tokens(model, prompt, SamplingConfig(max_new_tokens=config.sample_tokens, temperature=0.0),
+                                 stop_ids=stop))
+    return chat.tokenizer.decode(reply).strip()
+
+
 def build_evaluate(config: EvaluateConfig, inputs: list[Manifest], store: ArtifactStore,
                    writer: ArtifactWriter) -> dict[str, Any]:
     from tokenizers import Tokenizer
@@ -192,9 +209,12 @@ def build_evaluate(config: EvaluateConfig, inputs: list[Manifest], store: Artifa
     sample = list(generate_tokens(model, prompt, SamplingConfig(max_new_tokens=config.sample_tokens, temperature=0.8,
                                                                   seed=0), stop_ids={bos_id}))
     results["sample"] = config.sample_prompt + tokenizer.decode(sample)
+    if config.chat_prompt and trained.stage in ("sft", "dpo"):
+        results["chat_sample"] = {"user": config.chat_prompt,
+                                  "assistant": chat_reply(model, _model_dir(store, trained), config)}
     results["model"] = f"{trained.stage}/{trained.fingerprint}"
     writer.write_json("results.json", results)
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in results.items()}
 
 
-STAGE = Stage("evaluate", EvaluateConfig, build_evaluate, code_version="1")
+STAGE = Stage("evaluate", EvaluateConfig, build_evaluate, code_version="2")  # 2: the chat sample

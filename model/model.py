@@ -64,18 +64,22 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every (position, frequency), each [length, head_dim], halves repeated."""
+    """cos and sin of every (position, frequency), each [length, head_dim], halves repeated.
+
+    sin's first half is stored negated: Llama's rotate_half is (-second, first), and folding
+    its sign into the table saves a negation (and its backward) in every attention layer.
+    """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, H, T, D] by position: pairs are (i, i + D/2), as in Llama's rotate_half."""
     first, second = x.chunk(2, dim=-1)
-    rotated = torch.cat([-second, first], dim=-1)
-    return (x * cos + rotated * sin).type_as(x)
+    swapped = torch.cat([second, first], dim=-1)  # times the sign-folded sin: rotate_half(x) * sin
+    return (x * cos + swapped * sin).type_as(x)
 
 
 class KVCache:
@@ -121,15 +125,15 @@ class Attention(nn.Module):
         past = cache.length if cache is not None else 0
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                                       # [B, Hkv, past+T, D]
-        if self.n_kv_head != self.n_head:  # each group of query heads shares one key/value head
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        dropout = self.dropout if self.training else 0.0
-        if past == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-        else:  # new queries see every cached position and the causal part of their own block
+        # A fresh sequence is causal; one new token after the cache sees every position, unmasked;
+        # several new tokens see every cached position and the causal part of their own block.
+        mask = None
+        if past and T > 1:
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        # enable_gqa: each group of query heads shares one key/value head, not copied per head
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0,
+                                             dropout_p=self.dropout if self.training else 0.0,
+                                             enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

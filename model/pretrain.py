@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from model.evaluate import heldout_metrics, token_byte_lengths
 from model.launch import LaunchConfig, run_accelerate
-from model.train import FINAL, METRICS, TrainConfig
+from model.train import FINAL, METRICS, NextTokenObjective, TrainConfig
 from storage import ArtifactStore, ArtifactWriter, ConfigError, InputError, Manifest, Stage, StageConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -140,7 +140,7 @@ def build_pretrain(config: PretrainConfig, inputs: list[Manifest], store: Artifa
         return {**training_stats(out_dir), "documents_in": pack.stats.get("documents_out")}
 
 
-class PretrainObjective:
+class PretrainObjective(NextTokenObjective):
     """Next-token cross-entropy on packed rows; validation loss, perplexity and bits per byte."""
 
     def __init__(self, spec: dict, run):
@@ -159,14 +159,6 @@ class PretrainObjective:
     def train_batches(self, rank: int, world_size: int):
         return self.loader_cls(self.store, self.pack, split="train", batch_size=self.config.batch_size,
                                seed=self.config.seed, rank=rank, world_size=world_size)
-
-    def tokens_in(self, batch) -> int:
-        return batch[0].numel()
-
-    def loss(self, model, batch) -> tuple[torch.Tensor, dict[str, float]]:
-        inputs, targets = (t.to(self.device) for t in batch)
-        _, loss = model(inputs, targets)
-        return loss, {}
 
     def evaluate(self, model, rank: int, world_size: int, batches: int) -> dict[str, float]:
         """On the first `batches` validation batches: the same ones every time, so evaluations

@@ -87,6 +87,21 @@ class Objective(Protocol):
     def tokens_in(self, batch) -> int: ...
 
 
+class NextTokenObjective:
+    """The part pretraining and SFT share: batches of (inputs, targets) and the model's own
+    cross-entropy, where targets of -100 (padding, or SFT's masked prompt tokens) count for nothing."""
+
+    device: torch.device
+
+    def tokens_in(self, batch) -> int:
+        return batch[0].numel()
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs, targets = (t.to(self.device) for t in batch)
+        _, loss = model(inputs, targets)
+        return loss, {}
+
+
 # ------------------------------------------------------------------ checkpoints of training state
 
 

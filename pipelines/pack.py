@@ -8,7 +8,11 @@ int32). A row gives the inputs `row[:-1]` and the targets `row[1:]`.
 Every document is tokenized with BOS in front, and goes to `val` when a stable hash of its `id`
 falls under `val_fraction`: no document is in both splits, a refreshed corpus keeps its documents
 in the same split, and the tokenizer stage's held-out documents (the same hash under its smaller
-fraction) are validation documents here too. Then, per split, one of two policies:
+fraction) are validation documents here too. A document artifact may instead name the split
+itself: where its shards have a `split` column, a document whose `split` is "train" or "val" goes
+there, whatever its hash (a fixed validation set, such as the last 10% of a text in
+bench/shakespeare.py); a null `split` falls back to the hash, any other value is an InputError.
+Then, per split, one of two policies:
 
 - `concat`: the token stream is cut into rows; a document may start anywhere in a row and run
   into the next. Keeps 100% of the tokens; only the last row of a split is padded.
@@ -62,7 +66,9 @@ class PackConfig(StageConfig):
         "best_fit", description="best_fit: every row starts at a document (BOS), padded, nothing cropped; "
                                 "concat: one stream cut into rows, no padding but documents straddle rows.")
     val_fraction: float = Field(0.05, ge=0, lt=1,
-                                description="Share of documents (by a hash of their id) held out for validation.")
+                                description="Share of documents (by a hash of their id) held out for validation; "
+                                            "a document's `split` column (\"train\"/\"val\"), where the shards "
+                                            "have one, decides instead.")
     shard_target_bytes: int = Field(256 << 20, ge=1, description="Uncompressed bytes of tokens per output shard.")
     best_fit_buffer_rows: int = Field(1024, ge=1, description="best_fit: documents buffered, in rows' worth of tokens.")
     encode_batch_size: int = Field(512, ge=1, description="Documents per tokenizer call.")
@@ -141,17 +147,19 @@ def _tokenizer_for(manifest: Manifest, store: ArtifactStore):
     return _TOKENIZERS[key]
 
 
-def _read_documents(store: ArtifactStore, task: _EncodeTask) -> tuple[list[str], list[str | None]]:
+def _read_documents(store: ArtifactStore, task: _EncodeTask) -> tuple[list[str], list[str | None], list[str | None]]:
+    """ids, texts and splits (the `split` column, or all None where the shard has none)."""
     import pyarrow.parquet as pq
 
     where = store.uri(task.documents, task.shard)
     try:
         with store.open(task.documents, task.shard) as handle:
             shard = pq.ParquetFile(handle)
-            missing = [c for c in ("id", "text") if c not in shard.schema_arrow.names]
+            names = shard.schema_arrow.names
+            missing = [c for c in ("id", "text") if c not in names]
             if missing:
                 raise InputError(f"{where}: not a document shard (no {' or '.join(missing)} column)")
-            table = shard.read(columns=["id", "text"])
+            table = shard.read(columns=["id", "text", *(["split"] if "split" in names else [])])
     except (pa.ArrowException, OSError, ValueError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise InputError(f"{where}: not a readable Parquet shard ({reason})") from None
@@ -161,7 +169,11 @@ def _read_documents(store: ArtifactStore, task: _EncodeTask) -> tuple[list[str],
     ids = table.column("id").to_pylist()
     if None in ids:
         raise InputError(f"{where}: a document without an id (row {start + ids.index(None)})")
-    return [str(i) for i in ids], table.column("text").to_pylist()
+    splits = table.column("split").to_pylist() if "split" in table.column_names else [None] * len(ids)
+    bad = next((i for i, s in enumerate(splits) if s is not None and s not in SPLITS), None)
+    if bad is not None:
+        raise InputError(f"{where}: row {start + bad} has split {splits[bad]!r}; expected 'train', 'val' or null")
+    return [str(i) for i in ids], table.column("text").to_pylist(), splits
 
 
 def encode_part(task: _EncodeTask) -> _Encoded:
@@ -170,7 +182,7 @@ def encode_part(task: _EncodeTask) -> _Encoded:
     store = ArtifactStore(task.store_url, **task.storage_options)
     tokenizer = _tokenizer_for(task.tokenizer, store)
     bos, _ = special_ids(tokenizer, store.uri(task.tokenizer, TOKENIZER_FILE))
-    ids, texts = _read_documents(store, task)
+    ids, texts, splits = _read_documents(store, task)
     pieces, lengths, is_val = [], [], []
     for start in range(0, len(texts), task.batch_size):
         batch = [t or "" for t in texts[start:start + task.batch_size]]
@@ -180,7 +192,8 @@ def encode_part(task: _EncodeTask) -> _Encoded:
         pieces.append(np.fromiter(itertools.chain.from_iterable(x for i in keep for x in ((bos,), encoded[i])),
                                   dtype=np.uint32, count=count))
         lengths.extend(len(encoded[i]) + 1 for i in keep)
-        is_val.extend(is_validation(ids[start + i], task.val_fraction) for i in keep)
+        is_val.extend(splits[start + i] == "val" if splits[start + i] is not None
+                      else is_validation(ids[start + i], task.val_fraction) for i in keep)
     return _Encoded(
         tokens=np.concatenate(pieces) if pieces else np.zeros(0, np.uint32),
         lengths=np.array(lengths, dtype=np.int64), is_val=np.array(is_val, dtype=bool), documents_in=len(texts),
@@ -431,4 +444,4 @@ def build_pack(config: PackConfig, inputs: list[Manifest], store: ArtifactStore,
     }
 
 
-STAGE = Stage("pack", PackConfig, build_pack, code_version="1")
+STAGE = Stage("pack", PackConfig, build_pack, code_version="2")  # 2: a `split` column decides the split

@@ -62,9 +62,11 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 
-# `<|system|>...<|end|><|user|>...<|end|><|assistant|>...<|end|>`; render_chat() is the same in
-# Python. Written on one logical line so that no template whitespace reaches the output.
+# `<|bos|><|system|>...<|end|><|user|>...<|end|><|assistant|>...<|end|>`: a conversation is a
+# document, led by BOS as in training; render_chat() is the same in Python. Written on one
+# logical line so that no template whitespace reaches the output.
 CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
     "{%- set role_tokens = {"
     + ", ".join(f"'{role}': '{token}'" for role, token in ROLE_TOKENS.items())
     + "} -%}"
@@ -147,8 +149,8 @@ def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    """The chat template in Python: `<|user|>hi<|end|><|assistant|>hello<|end|>`."""
-    parts = []
+    """The chat template in Python: `<|bos|><|user|>hi<|end|><|assistant|>hello<|end|>`."""
+    parts = [BOS]
     for message in messages:
         role, content = message.get("role"), message.get("content")
         if role not in ROLE_TOKENS:
@@ -432,4 +434,4 @@ def build_tokenizer(config: TokenizerConfig, inputs: list[Manifest], store: Arti
     }
 
 
-STAGE = Stage("tokenizer", TokenizerConfig, build_tokenizer, code_version="1")
+STAGE = Stage("tokenizer", TokenizerConfig, build_tokenizer, code_version="2")  # 2: BOS leads chats

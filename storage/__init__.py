@@ -2,11 +2,11 @@
 the commit protocol and stage.py for the stage protocol."""
 
 from storage.manifest import MANIFEST_NAME, FileEntry, Manifest, StorageError, canonical_json, fingerprint
-from storage.store import ArtifactStore, ArtifactWriter, default_root, sha256_of, swap_into_place
+from storage.store import ArtifactStore, ArtifactWriter, default_root, local_sha256, sha256_of, swap_into_place
 from storage.stage import ConfigError, InputError, KilnError, Stage, StageConfig, TransientError
 
 __all__ = [
     "MANIFEST_NAME", "ArtifactStore", "ArtifactWriter", "FileEntry", "Manifest", "StorageError",
-    "canonical_json", "default_root", "fingerprint", "sha256_of", "swap_into_place",
+    "canonical_json", "default_root", "fingerprint", "local_sha256", "sha256_of", "swap_into_place",
     "ConfigError", "InputError", "KilnError", "Stage", "StageConfig", "TransientError",
 ]

@@ -56,6 +56,11 @@ def sha256_of(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 1 << 22) ->
     return digest.hexdigest()
 
 
+def local_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a local file, read in blocks."""
+    return sha256_of(fsspec.filesystem("file"), str(path))
+
+
 class ArtifactStore:
     def __init__(self, root: str | os.PathLike | None = None, **storage_options: Any):
         url = str(root) if root is not None else default_root()

@@ -85,6 +85,69 @@ def test_kiln_serve_registers_deployments_and_schedule(prefect_server, tmp_path,
         form = clean["parameter_openapi_schema"]["properties"]["config"]
         assert "gopher_quality" in json.dumps(clean["parameter_openapi_schema"]), "the stage config is the form"
         assert form, "a form for the clean settings"
+        retry_reruns_the_failed_stage_only(env, tmp_path)
     finally:
         os.killpg(served.pid, 15)
         served.wait(timeout=30)
+
+
+def wait_for_final_state(flow_run_id, timeout: float = 600):
+    from prefect.client.orchestration import get_client
+
+    deadline = time.time() + timeout
+    with get_client(sync_client=True) as client:
+        while time.time() < deadline:
+            run = client.read_flow_run(flow_run_id)
+            if run.state and run.state.is_final():
+                return run
+            time.sleep(1)
+    raise AssertionError(f"flow run {flow_run_id} did not finish within {timeout} s")
+
+
+def task_states(flow_run_id) -> dict[str, list[str]]:
+    """Each stage's task run states in the flow run, oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states: dict[str, list[str]] = {}
+    for run in sorted(runs, key=lambda r: r.created):
+        states.setdefault(run.name, []).append(run.state.name)
+    return states
+
+
+def retry_reruns_the_failed_stage_only(env: dict, tmp_path: Path) -> None:
+    """A pipeline run of the served deployment fails at sft (its data file is not there yet);
+    `prefect flow-run retry` after the file appears reruns sft, and takes every stage before it
+    from the cache."""
+    from prefect.deployments import run_deployment
+
+    from flows.config import load_config
+    from model.sft import default_data
+    from tests.flows.test_pipeline import QUICK
+
+    instructions = tmp_path / "instructions.jsonl"
+    config = load_config(overrides=QUICK + [f"sft.data={instructions}"])
+    data = tmp_path / "data"
+    run = run_deployment("pipeline/kiln-pipeline", timeout=0, parameters={
+        "config": config.model_dump(mode="json"), "data_dir": str(data), "until": "sft"})
+    failed = wait_for_final_state(run.id)
+    assert failed.state.is_failed(), failed.state
+    assert "instructions.jsonl" in str(failed.state.message), failed.state.message
+    pretrained = ArtifactStore(data).list("pretrain")
+    assert len(pretrained) == 1 and not ArtifactStore(data).list("sft")
+    manifest_mtime = (data / "pretrain" / pretrained[0].fingerprint / "_manifest.json").stat().st_mtime_ns
+
+    default_data("sft", instructions)  # the offline default instructions, as the file that was missing
+    retried = subprocess.run([sys.executable, "-m", "prefect", "flow-run", "retry", str(run.id)], env=env,
+                             capture_output=True, text=True)
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    done = wait_for_final_state(run.id)
+    assert done.state.is_completed(), done.state
+    assert len(ArtifactStore(data).list("sft")) == 1, "the failed stage ran"
+    assert (data / "pretrain" / pretrained[0].fingerprint / "_manifest.json").stat().st_mtime_ns == manifest_mtime
+    states = task_states(run.id)
+    for stage in ("sample-crawl", "ingest", "clean", "dedup", "tokenizer", "pack", "pretrain"):
+        assert states[stage][-1] == "Cached", f"{stage} came back from the cache on the retry: {states[stage]}"
+    assert states["sft"][-1] == "Completed", states["sft"]

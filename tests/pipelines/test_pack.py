@@ -318,3 +318,41 @@ def test_bad_inputs_are_one_line_input_errors(corpus):
     bad_json = tokenizer_artifact(store, "{not json")
     with pytest.raises(InputError, match=r"tokenizer.json: not a tokenizers file"):
         STAGE.run(PackConfig(workers=1), [docs, bad_json], store)
+
+
+@needs_data
+def test_a_split_column_decides_the_split(corpus):
+    """A fixed validation set: "train"/"val" in a `split` column win over the id hash; null keeps the hash."""
+    store, docs = corpus["store"], real_documents()[:: 4][:40]
+    # against the hash: at val_fraction 0.2 most of these would be train, and the rest val
+    wanted = {doc_id: ("train" if is_validation(doc_id, 0.2) else "val") if i % 4 else None
+              for i, (doc_id, _) in enumerate(docs)}
+
+    def build(writer):
+        writer.write_parquet(shard_name(0), pa.table({"id": [d for d, _ in docs], "text": [t for _, t in docs],
+                                                      "split": [wanted[d] for d, _ in docs]}))
+        return {}
+
+    with_split = store.produce("dedup", "split".ljust(64, "0"), build, config={}, inputs=[], code_version="test")
+    manifest = STAGE.run(PackConfig(policy="best_fit", seq_len=2048, val_fraction=0.2, workers=1),
+                         [with_split, corpus["tokenizer"]], store)
+    stats, expected = manifest.stats, encoded()
+    by_split = {s: Counter(segments(rows_of(store, manifest, s), stats["bos_id"], stats["pad_id"]))
+                for s in ("train", "val")}
+    for doc_id, _ in docs:
+        split = wanted[doc_id] or ("val" if is_validation(doc_id, 0.2) else "train")
+        pieces = expected_pieces(expected[doc_id], 2049, stats["bos_id"])
+        assert all(by_split[split][p] for p in pieces), f"{doc_id} is in {split}"
+    named_val = sum(s == "val" for s in wanted.values())
+    hashed_val = sum(s is None and is_validation(d, 0.2) for d, s in wanted.items())
+    assert stats["documents"]["val"] == named_val + hashed_val
+    assert stats["documents"]["train"] == len(docs) - named_val - hashed_val
+
+    def bad(writer):
+        table = pa.table({"id": ["a", "b"], "text": ["x", "y"], "split": ["val", "test"]})
+        writer.write_parquet(shard_name(0), table)
+        return {}
+
+    odd = store.produce("dedup", "badsplit".ljust(64, "0"), bad, config={}, inputs=[], code_version="test")
+    with pytest.raises(InputError, match=r"00000.parquet: row 1 has split 'test'; expected 'train', 'val' or null"):
+        STAGE.run(PackConfig(workers=1), [odd, corpus["tokenizer"]], store)

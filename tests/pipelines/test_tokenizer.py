@@ -300,7 +300,7 @@ def test_chat_template_matches_render_chat(hf_tokenizer):
             assert rendered == render_chat(chat, add_generation_prompt=prompt)
     assert render_chat([{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
                         {"role": "assistant", "content": "a"}], add_generation_prompt=True) == \
-        "<|system|>s<|end|><|user|>u<|end|><|assistant|>a<|end|><|assistant|>"
+        "<|bos|><|system|>s<|end|><|user|>u<|end|><|assistant|>a<|end|><|assistant|>"
 
 
 def test_unknown_chat_role_is_refused(hf_tokenizer):

@@ -1,0 +1,226 @@
+"""DPO: the loss against its formula, preference data and its malformed lines, response
+log-probabilities, and the stage with a reference model held in memory or precomputed."""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import dpo
+from model.chat_format import ChatFormat
+from model.sft import read_entries
+from model.train import TrainConfig
+from storage import ArtifactStore, InputError
+from tests.model.test_chat_format import tokenizer_artifact
+from tests.model.test_pretrain import copy_inputs
+from tests.model.test_sft import model_artifact, write_lines
+
+INSTRUCT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "instruct"
+
+
+# ------------------------------------------------------------------ the loss
+
+
+def logps():
+    """Hand-made log-probabilities of 4 pairs: (policy chosen, policy rejected, ref chosen, ref rejected)."""
+    return (torch.tensor([-10.0, -20.0, -5.5, -31.0]), torch.tensor([-12.0, -18.0, -7.0, -30.0]),
+            torch.tensor([-11.0, -19.0, -6.0, -30.5]), torch.tensor([-11.5, -19.5, -6.5, -29.0]))
+
+
+def test_sigmoid_loss_is_minus_log_sigmoid_of_beta_times_the_log_ratio_difference():
+    pc, pr, rc, rr = logps()
+    losses, chosen, rejected = dpo.dpo_loss(pc, pr, rc, rr, beta=0.1, kind="sigmoid")
+    for i in range(4):
+        h = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
+        assert losses[i].item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.1 * h))), rel=1e-6)
+        assert chosen[i].item() == pytest.approx(0.1 * (pc[i].item() - rc[i].item()), abs=1e-6)
+        assert rejected[i].item() == pytest.approx(0.1 * (pr[i].item() - rr[i].item()), abs=1e-6)
+    # pair 0: h = 1 - (-0.5) = 1.5 by hand
+    assert losses[0].item() == pytest.approx(math.log(1 + math.exp(-0.15)), rel=1e-6)
+
+
+def test_the_loss_is_log_2_when_the_policy_is_the_reference():
+    pc, pr, _, _ = logps()
+    for beta in (0.1, 0.5, 2.0):
+        losses, chosen, rejected = dpo.dpo_loss(pc, pr, pc.clone(), pr.clone(), beta=beta, kind="sigmoid")
+        assert torch.allclose(losses, torch.full((4,), math.log(2)))
+        assert (chosen == 0).all() and (rejected == 0).all()
+
+
+def test_ipo_loss_is_the_squared_distance_of_the_log_ratio_difference_to_half_over_beta():
+    pc, pr, rc, rr = logps()
+    losses, _, _ = dpo.dpo_loss(pc, pr, rc, rr, beta=0.25, kind="ipo")
+    h = (pc - rc) - (pr - rr)
+    assert torch.allclose(losses, (h - 2.0) ** 2)
+    assert losses[0].item() == pytest.approx((1.5 - 2.0) ** 2)
+    same, _, _ = dpo.dpo_loss(pc, pr, pc, pr, beta=0.25, kind="ipo")
+    assert torch.allclose(same, torch.full((4,), 4.0))
+
+
+def test_gradients_raise_the_chosen_and_lower_the_rejected():
+    pc, pr, rc, rr = (t.clone().requires_grad_(i < 2) for i, t in enumerate(logps()))
+    losses, _, _ = dpo.dpo_loss(pc, pr, rc, rr, beta=0.1, kind="sigmoid")
+    losses.sum().backward()
+    assert (pc.grad < 0).all() and (pr.grad > 0).all()
+    with pytest.raises(ValueError, match="unknown DPO loss"):
+        dpo.dpo_loss(pc, pr, rc, rr, beta=0.1, kind="hinge")
+
+
+# ------------------------------------------------------------------ data
+
+
+def test_preference_entries_in_both_shapes(tmp_path):
+    lines = [
+        json.dumps({"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Rome."}),
+        json.dumps({"prompt": [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "2+2?"}],
+                    "chosen": "4", "rejected": "5"}),
+        json.dumps({"instruction": "Rewrite politely.", "input": "Give me that.", "output": "x",
+                    "chosen": "Could you pass that, please?", "rejected": "Hand it over."}),
+        json.dumps({"prompt": "no rejected", "chosen": "x"}),
+        json.dumps({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                    "chosen": "x", "rejected": "y"}),
+        json.dumps({"prompt": "q", "chosen": ["x"], "rejected": "y"}),
+        "{not json",
+    ]
+    path = write_lines(tmp_path / "prefs.jsonl", lines)
+    pairs, bad = read_entries([path], dpo.preference_pair, "skip")
+    assert pairs[0] == ([{"role": "user", "content": "Capital of France?"}], "Paris.", "Rome.")
+    assert pairs[1][0][0] == {"role": "system", "content": "Be exact."}
+    assert pairs[2] == ([{"role": "user", "content": "Rewrite politely.\n\nGive me that."}],
+                        "Could you pass that, please?", "Hand it over.")
+    assert bad == [f"{path}:4: missing field 'rejected'", f"{path}:5: field 'prompt' must end with a user message",
+                   f"{path}:6: field 'chosen' must be a string, got list",
+                   f"{path}:7: not valid JSON (Expecting property name enclosed in double quotes, column 2)"]
+    with pytest.raises(InputError, match=re.escape(f"{path}:4: missing field 'rejected'")):
+        read_entries([path], dpo.preference_pair, "error")
+
+
+def test_real_preference_file_reads_whole():
+    path = INSTRUCT / "rasbt_ch07_instruction-data-with-preference.json"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    pairs, bad = read_entries([path], dpo.preference_pair, "error")
+    assert len(pairs) == 1100 and bad == []
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    store = ArtifactStore(tmp_path_factory.mktemp("dpo"))
+    tok = tokenizer_artifact(store)
+    return store, model_artifact(store, "sft", tok, seed=1), tok
+
+
+def test_sequence_logps_sum_the_response_tokens_only(inputs):
+    from model.checkpoint import load_checkpoint
+
+    store, trained, tok = inputs
+    model, _ = load_checkpoint(store.local_path(trained, "model"))
+    chat = ChatFormat.from_dir(store.local_path(tok))
+    prompt = [{"role": "user", "content": "Which module provides `dumps`?"}]
+    chosen, rejected = dpo.encode_pair(chat, prompt, "The `json` module.", "No idea", 64)
+    inputs_, targets, mask = dpo.collate([(chosen.ids, chosen.mask), (rejected.ids, rejected.mask)], chat.pad_id)
+    with torch.no_grad():
+        got = dpo.sequence_logps(model, inputs_, targets, mask)
+        for row, tokens in enumerate((chosen, rejected)):
+            logits, _ = model(torch.tensor([tokens.ids[:-1]]))
+            logp = F.log_softmax(logits[0].float(), -1)
+            response = [i for i in range(1, len(tokens.ids)) if tokens.mask[i]]
+            expected = sum(logp[i - 1, tokens.ids[i]].item() for i in response)
+            assert got[row].item() == pytest.approx(expected, rel=1e-5)
+            assert tokens.ids[response[-1]] == chat.end_id and len(response) < len(tokens.ids) - 5
+
+
+# ------------------------------------------------------------------ the stage
+
+
+def config(**overrides) -> dpo.DPOConfig:
+    train = TrainConfig(batch_size=8, max_steps=12, warmup_steps=0, lr=3e-3, eval_every=12, eval_batches=2,
+                        checkpoint_every=12, log_every=1)
+    return dpo.DPOConfig(train=train, seq_len=48, **overrides)
+
+
+def metrics(store: ArtifactStore, manifest) -> list[dict]:
+    return [json.loads(line) for line in store.local_path(manifest, "metrics.jsonl").read_text().splitlines()]
+
+
+def pair_files(chat: ChatFormat, directory: Path, count: int = 20) -> dict[str, str]:
+    """Encoded pairs of both splits, as the stage writes them."""
+    from model.sft import write_table
+
+    paths = {}
+    for split in ("train", "val"):
+        columns = {"chosen": [], "chosen_mask": [], "rejected": [], "rejected_mask": []}
+        for i in range(count):
+            prompt = [{"role": "user", "content": f"What is {i} + {i}? ({split})"}]
+            chosen, rejected = dpo.encode_pair(chat, prompt, f"It is {2 * i}.", f"Maybe {i}, who knows", 64)
+            for name, tokens in (("chosen", chosen), ("rejected", rejected)):
+                columns[name].append(tokens.ids)
+                columns[f"{name}_mask"].append(tokens.mask)
+        paths[split] = str(directory / f"{split}.parquet")
+        write_table(Path(paths[split]), columns)
+    return paths
+
+
+def test_a_precomputed_reference_gives_the_losses_of_the_reference_model(inputs, tmp_path):
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from model.checkpoint import load_checkpoint
+
+    store, trained, tok = inputs
+    chat = ChatFormat.from_dir(store.local_path(tok))
+    spec = {"train": TrainConfig(batch_size=4).model_dump(), "init_from": str(store.local_path(trained, "model")),
+            "pairs": pair_files(chat, tmp_path), "out_dir": str(tmp_path),
+            "dpo": {"beta": 0.1, "loss": "sigmoid", "pad_id": chat.pad_id}}
+    run = SimpleNamespace(accelerator=Accelerator(cpu=True))
+    held = dpo.DPOObjective({**spec, "dpo": {**spec["dpo"], "reference": "model"}}, run)
+    precomputed = dpo.DPOObjective({**spec, "dpo": {**spec["dpo"], "reference": "precomputed"}}, run)
+    assert held.reference_model is not None and precomputed.reference_model is None
+    assert (tmp_path / dpo.REFERENCE_FILE).exists()
+
+    policy, _ = load_checkpoint(Path(spec["init_from"]))
+    batch = next(iter(held.train_batches(0, 1)))
+    loss, extras = precomputed.loss(policy, batch)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and extras["reward_margin"] == pytest.approx(0, abs=1e-6)
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    moved, moved_extras = precomputed.loss(policy, batch)
+    assert moved.item() != pytest.approx(math.log(2), abs=1e-4)
+    assert moved.item() == pytest.approx(held.loss(policy, batch)[0].item(), rel=1e-6)
+    with torch.no_grad():
+        assert precomputed.evaluate(policy, 0, 1, 2) == pytest.approx(held.evaluate(policy, 0, 1, 2), rel=1e-6)
+    again = dpo.DPOObjective({**spec, "dpo": {**spec["dpo"], "reference": "precomputed"}}, run)
+    assert again.reference_model is None, "computed once: a resumed run reads the file back"
+
+
+@pytest.mark.slow
+def test_dpo_stage_moves_the_policy_towards_the_chosen_responses(inputs, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny matrices: one thread each on a shared machine
+    store, trained, tok = inputs
+    target = copy_inputs(store, tmp_path, [trained, tok])
+    manifest = dpo.STAGE.run(config(), [trained, tok], target)
+    assert any(f.path == dpo.REFERENCE_FILE for f in manifest.files), "the default reference is precomputed"
+    rows = metrics(target, manifest)
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5), "policy = reference at the first step"
+    assert rows[0]["reward_margin"] == pytest.approx(0.0, abs=1e-4)
+    later = rows[len(rows) // 2:]
+    assert sum(r["loss"] for r in later) / len(later) < math.log(2) - 0.02, "the policy prefers the chosen more"
+    stats = manifest.stats
+    for key in ("val_loss", "val_reward_accuracy", "val_reward_margin", "val_chosen_reward", "val_rejected_reward"):
+        assert math.isfinite(stats[key])
+    assert stats["pairs"]["val"] > 50 and stats["data"].startswith("stdlib docs")
+    assert stats["val_reward_margin"] == pytest.approx(stats["val_chosen_reward"] - stats["val_rejected_reward"],
+                                                       abs=1e-4)
+    assert json.loads(target.local_path(manifest, "model/config.json").read_text())["stage"] == "dpo"
+
+
+def test_dpo_needs_a_model_and_a_tokenizer(inputs):
+    store, trained, tok = inputs
+    with pytest.raises(InputError, match=r"dpo: needs a sft or dpo or pretrain artifact and a tokenizer"):
+        dpo.STAGE.run(config(), [tok], store)
