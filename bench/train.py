@@ -12,7 +12,8 @@
    loss is the same mean cross-entropy over the same targets as ours (checked at step 0).
    Shapes: `tiny` (the pretrain stage's default model: 4 layers, 4 heads, d_model 256, vocab
    8192, seq_len 256) and `medium` (8 layers, 8 heads / 4 key-value heads, d_model 512).
-   `--compile` adds `torch.compile(ours)` as a third, separate contender.
+   `--compile` adds `torch.compile(ours)` and `torch.compile(hf)` as two more contenders; the
+   table gives every contender against HF eager, and the JSON ours_compiled / hf_compiled too.
 2. KV-cache decoding, batch 1: `generate_tokens(..., temperature=0)` vs HF `generate(do_sample=
    False, use_cache=True)` on the model exported with `save_checkpoint` + `export_llama` and
    loaded with `AutoModelForCausalLM.from_pretrained`. Weights drawn with init_std 0.3 so that
@@ -166,6 +167,9 @@ def bench_training(shape: str, args) -> dict:
         twin.load_state_dict(ours.state_dict())
         runs["ours_compiled"] = (torch.compile(twin), adamw(parameter_groups(twin, train.weight_decay), train),
                                  ours_loss)
+        hf_compiled = hf_twin(twin).train()  # and HF compiled the same way: compiled vs compiled
+        runs["hf_compiled"] = (torch.compile(hf_compiled),
+                               adamw(hf_parameter_groups(twin, hf_compiled, train.weight_decay), train), hf_loss)
     last_loss = {}
 
     def steps(name):
@@ -181,6 +185,9 @@ def bench_training(shape: str, args) -> dict:
             train_step(model, optimizer, loss_fn, x, y)
     rates = alternate({name: steps(name) for name in runs}, args.rounds, args.steps * x.numel())
     result = summarize(rates)
+    if args.compile:
+        compiled = summarize({k: rates[k] for k in ("ours_compiled", "hf_compiled")}, baseline="hf_compiled")
+        result["compiled_vs_compiled"] = compiled["ours_compiled"]
     result.update(shape=config.to_dict(), batch=args.batch, params=ours.num_params(non_embedding=False),
                   loss_step0={"ours": loss_ours, "hf": loss_hf}, loss_last=last_loss)
     del runs, ours, hf

@@ -7,7 +7,8 @@ Conventions follow Llama so that `model/export.py` only renames weights: rotary 
 rotate the two halves of each head (`rotate_half`), projections carry no bias, norms are
 RMSNorm with a learned scale. Attention goes through `scaled_dot_product_attention`, which
 picks flash / memory-efficient kernels where the device has them. A KV cache makes decoding
-one token cost one token's work.
+one token cost one token's work. In training, the head and the loss are one chunked step
+(`LinearCrossEntropy`): the [tokens, vocab] logits are never held whole.
 """
 
 from __future__ import annotations
@@ -161,6 +162,47 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean cross-entropy of `hidden @ weight.T` against targets (-100 ignored), by chunks of rows.
+
+    Each chunk's gradient (softmax minus one-hot) is made in the forward pass, straight from
+    its logits while they are in cache, and the chunk's logits are then dropped: the full
+    [tokens, vocab] logits, their log-softmax and its gradient are never held, which saves
+    memory (most of it at large vocabularies) and, on CPU, time. Backward only scales the two
+    gradients by the incoming one.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # ~8 MB of fp32 logits per chunk on a CPU (cache-sized); on an accelerator, big matmuls
+        budget = 1 << 23 if hidden.device.type == "cpu" else 1 << 30
+        rows = max(64, budget // (4 * weight.size(0)))
+        kept = targets != -100
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.size(0), rows):
+            h, t, k = hidden[start:start + rows], targets[start:start + rows], kept[start:start + rows]
+            logits = (h @ weight.t().to(h.dtype)).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            safe = t.clamp(min=0)
+            total += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * k).sum()
+            grad = logits.sub_(lse[:, None]).exp_()                                # softmax
+            grad[torch.arange(len(t), device=t.device), safe] -= 1                  # minus one-hot
+            grad = grad.mul_(k[:, None]).to(h.dtype)                               # ignored rows: 0
+            grad_hidden[start:start + rows] = grad @ weight.to(h.dtype)
+            grad_weight += (grad.t() @ h).to(weight.dtype)
+        count = kept.sum().clamp(min=1)
+        ctx.save_for_backward(grad_hidden, grad_weight, count)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_hidden, grad_weight, count = ctx.saved_tensors
+        scale = grad_loss / count
+        return grad_hidden * scale.to(grad_hidden.dtype), grad_weight * scale.to(grad_weight.dtype), None
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -194,9 +236,10 @@ class Transformer(nn.Module):
         return self.rope_cos[start:end], self.rope_sin[start:end]
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache: KVCache | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """tokens [B, T] -> logits [B, T, vocab]; with targets, also the mean cross-entropy
-        (targets of -100 are ignored: padding, prompt tokens in SFT)."""
+        (targets of -100 are ignored: padding, prompt tokens in SFT). Training with targets
+        returns the loss alone (logits None): it never makes the whole logits."""
         start = cache.length if cache is not None else 0
         cos, sin = self._rope(start, tokens.size(1), tokens.device)
         x = self.embed(tokens)
@@ -207,7 +250,10 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, cache)
         if cache is not None:
             cache.length += tokens.size(1)
-        logits = self.head(self.norm(x))
+        x = self.norm(x)
+        if targets is not None and self.training and torch.is_grad_enabled():  # training: no logits
+            return None, LinearCrossEntropy.apply(x.flatten(0, 1), self.head.weight, targets.flatten())
+        logits = self.head(x)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)

@@ -48,6 +48,27 @@ def test_loss_ignores_masked_targets():
     assert torch.allclose(loss, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_chunked_training_loss_and_gradients_equal_the_plain_cross_entropy(tie):
+    """Training computes head + loss in chunks (LinearCrossEntropy), with the gradient made in
+    the forward pass: the loss and every parameter's gradient equal those of full logits."""
+    model = small_model(tie_embeddings=tie, vocab_size=40009)  # chunks of 64 rows: 64 + 64 + 22
+    tokens = torch.randint(0, 40009, (3, 50))
+    targets = tokens.roll(-1, dims=1)
+    targets[0, :20] = -100
+    logits, plain = model(tokens)[0], None
+    plain = torch.nn.functional.cross_entropy(logits.reshape(-1, 40009), targets.reshape(-1), ignore_index=-100)
+    (plain * 3).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    none, chunked = model.train()(tokens, targets)
+    assert none is None, "no logits are made in training"
+    (chunked * 3).backward()
+    assert torch.allclose(chunked, plain, atol=1e-6)
+    for name, param in model.named_parameters():
+        assert torch.allclose(param.grad, expected[name], atol=1e-6, rtol=1e-4), name
+
+
 def test_no_weight_decay_on_norms_and_embeddings():
     model = small_model(tie_embeddings=True)
     decay, no_decay = parameter_groups(model, 0.1)

@@ -66,9 +66,11 @@ def copy_inputs(source: ArtifactStore, target_dir: Path, manifests) -> ArtifactS
 @pytest.mark.slow
 def test_resume_after_sigkill_logs_the_same_losses(data, tmp_path):
     store, packed, tok = data
-    reference = pretrain.STAGE.run(config(), [packed, tok], copy_inputs(store, tmp_path / "a", [packed, tok]))
+    # 48 steps: the victim, killed once it is past step 10, is still far from its last step
+    reference = pretrain.STAGE.run(config(max_steps=48), [packed, tok],
+                                   copy_inputs(store, tmp_path / "a", [packed, tok]))
     reference_store = ArtifactStore(tmp_path / "a")
-    assert len(losses(reference_store, reference)) == 24
+    assert len(losses(reference_store, reference)) == 48
 
     killed_store = copy_inputs(store, tmp_path / "b", [packed, tok])
     script = textwrap.dedent(f"""
@@ -76,7 +78,8 @@ def test_resume_after_sigkill_logs_the_same_losses(data, tmp_path):
         from storage import ArtifactStore
         from tests.model.test_pretrain import config
         store = ArtifactStore({str(tmp_path / "b")!r})
-        pretrain.STAGE.run(config(), [store.find({packed.fingerprint!r}), store.find({tok.fingerprint!r})], store)
+        pretrain.STAGE.run(config(max_steps=48), [store.find({packed.fingerprint!r}), store.find({tok.fingerprint!r})],
+                           store)
     """)
     victim = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[2],
                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -89,9 +92,10 @@ def test_resume_after_sigkill_logs_the_same_losses(data, tmp_path):
     os.killpg(victim.pid, signal.SIGKILL)  # mid-run, after the step-8 checkpoint
     victim.wait()
 
-    resumed = pretrain.STAGE.run(config(), [packed, tok], killed_store)
+    resumed = pretrain.STAGE.run(config(max_steps=48), [packed, tok], killed_store)
     log = killed_store.local_path(resumed, "train.log").read_text()
-    assert re.search(r"resumed from step-000000(08|16) \(step (8|16)\)", log), "resumed, not restarted from step 0"
+    assert re.search(r"resumed from step-000000(08|16|24|32|40) \(step (8|16|24|32|40)\)", log), \
+        "resumed from a checkpoint before the last step, not restarted from step 0"
     assert losses(killed_store, resumed) == losses(reference_store, reference), "bit-identical on CPU"
 
 
