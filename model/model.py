@@ -184,10 +184,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.size(0), rows):
             h, t, k = hidden[start:start + rows], targets[start:start + rows], kept[start:start + rows]
             logits = (h @ weight.t().to(h.dtype)).float()
-            lse = torch.logsumexp(logits, dim=-1)
             safe = t.clamp(min=0)
-            total += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * k).sum()
-            grad = logits.sub_(lse[:, None]).exp_()                                # softmax
+            picked = logits.gather(1, safe[:, None]).squeeze(1)
+            peak = logits.amax(dim=-1, keepdim=True)
+            grad = logits.sub_(peak).exp_()              # in place, one pass: the softmax's numerators
+            sums = grad.sum(dim=-1, keepdim=True)
+            total += ((peak + sums.log()).squeeze(1) - picked).mul_(k).sum()      # log-sum-exp - logit
+            grad.div_(sums)                                                        # softmax
             grad[torch.arange(len(t), device=t.device), safe] -= 1                  # minus one-hot
             grad = grad.mul_(k[:, None]).to(h.dtype)                               # ignored rows: 0
             grad_hidden[start:start + rows] = grad @ weight.to(h.dtype)
