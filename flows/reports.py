@@ -10,6 +10,8 @@ from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from flows.summary import dropped
+
 CHART_WIDTH, CHART_HEIGHT = 60, 12
 
 
@@ -51,11 +53,11 @@ def publish(stage: str, run: dict[str, Any], location: str | None) -> None:
         key=f"{stage}-summary", table=_flat(stats),
         description=f"{stage} ({status}) — artifact {manifest['fingerprint'][:12]}",
     )
-    if stats.get("dropped"):
+    if drops := dropped(stats):
         create_table_artifact(
             key=f"{stage}-dropped",
-            table=[{"reason": r, "documents": n} for r, n in sorted(stats["dropped"].items(), key=lambda kv: -kv[1])],
-            description=f"{stage}: documents dropped, by reason",
+            table=[{"reason": r, "documents": n} for r, n in sorted(drops.items(), key=lambda kv: -kv[1])],
+            description=f"{stage}: documents dropped, by reason (clean: by filter)",
         )
     if stats.get("loss_curve"):
         final = {k: v for k, v in stats.items() if k.startswith("val_") or k.startswith("final_")}
@@ -66,8 +68,10 @@ def publish(stage: str, run: dict[str, Any], location: str | None) -> None:
             description=f"{stage}: loss curve and final metrics",
         )
     if stats.get("sample"):
-        create_markdown_artifact(key=f"{stage}-sample", markdown=f"## Sample generation\n\n> {stats['sample']}",
-                                 description=f"{stage}: a sample from the model")
+        chat = stats.get("chat_sample")
+        answer = f"\n\n## Sample chat\n\n**user:** {chat['user']}\n\n**assistant:** {chat['assistant']}" if chat else ""
+        create_markdown_artifact(key=f"{stage}-sample", markdown=f"## Sample generation\n\n> {stats['sample']}{answer}",
+                                 description=f"{stage}: samples from the model")
     if location:
         link = location if "://" in location else f"file://{location}"
         create_link_artifact(key=f"{stage}-files", link=link, link_text=f"{stage}/{manifest['fingerprint'][:12]}",

@@ -32,9 +32,17 @@ def statuses(runs: dict) -> dict[str, str]:
 @pytest.mark.slow
 def test_whole_pipeline_cached_rerun_and_clean_change(prefect_server, tmp_path):
     data = str(tmp_path / "data")
-    first = pipeline_flow(config=load_config(overrides=QUICK), data_dir=data)
+    state = pipeline_flow(config=load_config(overrides=QUICK), data_dir=data, return_state=True)
+    first = state.result()
     assert set(statuses(first).values()) == {"built"}
     assert "val_bpb" in first["evaluate"]["manifest"]["stats"]
+    artifacts = run_artifacts(state.state_details.flow_run_id)
+    for key in ("clean-summary", "clean-dropped", "dedup-dropped", "tokenizer-summary", "pretrain-loss-curve",
+                "sft-loss-curve", "dpo-loss-curve", "evaluate-summary", "evaluate-sample", "pack-files",
+                "pretrain-tensorboard"):
+        assert key in artifacts, f"the run carries {key}: {sorted(artifacts)}"
+    assert "gopher_repetition" in artifacts["clean-dropped"], "clean's rejects, by filter"
+    assert "Sample chat" in artifacts["evaluate-sample"] and "val_bpb" in artifacts["evaluate-summary"]
 
     again = pipeline_flow(config=load_config(overrides=QUICK), data_dir=data)
     assert {run["state"] for run in again.values()} == {"Cached"}, "every stage is a Prefect cache hit"
@@ -43,6 +51,16 @@ def test_whole_pipeline_cached_rerun_and_clean_change(prefect_server, tmp_path):
     before = ["sample-crawl", "ingest"]
     assert [s for s, status in statuses(changed).items() if status == "cached"] == before, \
         "clean and everything after it reran, nothing before it"
+
+
+def run_artifacts(flow_run_id) -> dict[str, str]:
+    """key -> data of every artifact the flow run's tasks published."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: str(a.data) for a in found if a.key}
 
 
 def kiln(args: list[str], env: dict) -> subprocess.Popen:
