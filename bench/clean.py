@@ -35,7 +35,6 @@ includes its worker's pipe) in each contender's best round.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
@@ -50,46 +49,30 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-DATA = ROOT.parent / "shared" / "data"
-AEB = DATA / "html_extraction" / "scrapinghub_aeb"
+import extraction  # noqa: E402 - bench/extraction.py: the same pages, CPU pinning and quiet logs
+
+AEB = extraction.AEB
 DEFAULT_OUT = ROOT / "bench" / "results" / "clean.json"
 WORD_FILTERS = ("gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality")
 
 Pages = list[tuple[str, str, str | None]]  # (id, html, url)
 
 
-def load_pages(folder: Path = AEB) -> Pages:
-    from pipelines.extract import decode_html
-
-    truth = json.loads((folder / "ground-truth.json").read_text(encoding="utf-8"))
-    pages = []
-    for key in sorted(truth):
-        with gzip.open(folder / "html" / f"{key}.html.gz") as f:
-            pages.append((key, decode_html(f.read()), truth[key].get("url")))
-    return pages
-
-
-def pin_to_cpu_0() -> list[int] | None:
-    if not hasattr(os, "sched_setaffinity"):
-        return None
-    allowed = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {0} if 0 in allowed else {min(allowed)})
-    return sorted(os.sched_getaffinity(0))
+def load_pages() -> Pages:
+    """The benchmark's pages as (id, html, url), in id order (bench/extraction.py reads them)."""
+    pages, _ = extraction.load_pages()
+    return [(key, html, url) for key, (html, url) in pages.items()]
 
 
 def quiet() -> None:
-    """trafilatura warns about every page it discards, datatrove logs each worker's shutdown
-    and the stage draws a progress bar; none of it helps reading the table."""
+    """As bench/extraction.py, and no progress bar or stage log lines either."""
     import logging
 
-    from datatrove.utils.logging import logger
-
+    extraction.quiet_logs()
     os.environ["KILN_NO_PROGRESS"] = "1"
-    logging.getLogger("trafilatura").setLevel(logging.CRITICAL)
     logging.getLogger("kiln").setLevel(logging.WARNING)
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
 
 
 def cpu_clock() -> float:
@@ -297,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     quiet()
-    pinned = pin_to_cpu_0()
+    pinned = extraction.pin_to_one_cpu()
     pages = load_pages()
     with tempfile.TemporaryDirectory(prefix="kiln-bench-clean-") as folder:
         contenders = {

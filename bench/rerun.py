@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,10 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from flows.summary import statuses_from_output  # noqa: E402
+from model.launch import free_port  # noqa: E402
+
 KILN = [sys.executable, "-m", "flows.cli"]
 EMPTY_FLOW = "from prefect import flow\n@flow(name='empty')\ndef empty():\n    pass\nempty()\n"
 STAGES = ("sample-crawl", "ingest", "clean", "dedup", "tokenizer", "pack", "pretrain", "sft", "dpo", "evaluate")
@@ -45,15 +48,7 @@ def timed(command: list[str], env: dict) -> tuple[float, str]:
 
 
 def all_cached(output: str) -> bool:
-    cells = [line.split("│") for line in output.splitlines() if line.startswith("│")]
-    rows = [c for c in cells if len(c) >= 10 and c[1].strip() in STAGES]  # the stages table, not the drops
-    return len(rows) == len(STAGES) and all(c[2].strip() == "cached" for c in rows)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return statuses_from_output(output) == dict.fromkeys(STAGES, "cached")
 
 
 def start_server(env: dict) -> tuple[subprocess.Popen, str]:

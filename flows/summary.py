@@ -106,6 +106,14 @@ def print_summary(console: Console, runs: dict[str, dict], store: ArtifactStore)
     console.print(f"artifacts in {store.url}; trace one with: kiln lineage {last['fingerprint'][:12]}")
 
 
+def statuses_from_output(output: str) -> dict[str, str]:
+    """stage -> "built"/"cached", read back from a printed stages table (tests and bench/rerun.py
+    check what a `kiln` command reported)."""
+    cells = [line.split("│") for line in output.splitlines() if line.startswith("│")]
+    # the stages table has 9 columns (10 cells with the borders); the drops table has 3
+    return {c[1].strip(): c[2].strip() for c in cells if len(c) >= 10 and c[1].strip()}
+
+
 def print_lineage(console: Console, tree: dict[str, Any]) -> None:
     def label(node: dict[str, Any]) -> str:
         if node.get("missing"):

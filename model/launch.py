@@ -38,7 +38,8 @@ class LaunchConfig(BaseModel):
     main_process_port: int | None = Field(None, description="Rendezvous port; default: a free one.")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -75,7 +76,7 @@ def accelerate_command(script_module: str, run_json: Path, launch: LaunchConfig)
         args += ["--cpu"]
     args += ["--num_processes", str(launch.num_processes * launch.num_machines),
              "--num_machines", str(launch.num_machines), "--machine_rank", str(launch.machine_rank),
-             "--main_process_port", str(launch.main_process_port or _free_port())]
+             "--main_process_port", str(launch.main_process_port or free_port())]
     if launch.main_process_ip:
         args += ["--main_process_ip", launch.main_process_ip]
     if not launch.accelerate_config:

@@ -4,24 +4,19 @@ postgresql+asyncpg://..., a small Kiln flow run against it, and its flow run, ta
 found in PostgreSQL's own tables (and read back through Prefect's client)."""
 
 import glob
-import json
 import os
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 from uuid import UUID
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.prefect_servers import clean_env, free_port, run_pipeline, start_server, stop
 
 
 def newest_initdb() -> Path | None:
@@ -35,18 +30,6 @@ pytestmark = [
     pytest.mark.skipif(INITDB is None, reason="no PostgreSQL server binaries (/usr/lib/postgresql/*/bin/initdb); "
                                               "apt-get install postgresql"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def clean_env(**settings: str) -> dict[str, str]:
-    """This environment without any PREFECT_* setting of the caller's, plus `settings`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    return {**env, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", **settings}
 
 
 @pytest.fixture
@@ -96,80 +79,24 @@ def postgres():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def stop(process: subprocess.Popen) -> None:
-    """End a process started with start_new_session=True, and everything it started."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def wait_healthy(api: str, process: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the Prefect server exited ({process.returncode}):\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"the Prefect server did not answer {api}/health in {timeout:.0f} s:\n{log.read_text()[-4000:]}")
-
-
 @pytest.fixture
 def prefect_on_postgres(postgres, tmp_path):
     """`prefect server start` on that database, as the compose file's prefect-server runs it."""
     home, log, port = tmp_path / "server-home", tmp_path / "prefect-server.log", free_port()
     env = clean_env(PREFECT_HOME=str(home), PREFECT_API_DATABASE_CONNECTION_URL=postgres.url,
                     PREFECT_SERVER_UI_ENABLED="false")
-    with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                   "--port", str(port)], cwd=tmp_path, env=env, stdout=out,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+    server = start_server(port, env, tmp_path, log)
     api = f"http://127.0.0.1:{port}/api"
     try:
-        wait_healthy(api, server, log)
         yield SimpleNamespace(api=api, home=home, log=log, db=postgres)
     finally:
         stop(server)
 
 
-RUN_FLOW = """
-import json, sys
-from prefect.client.orchestration import get_client
-from flows.config import load_config
-from flows.pipeline import pipeline_flow
-
-until, data_dir, *overrides = sys.argv[1:]
-state = pipeline_flow(config=load_config(overrides=overrides), data_dir=data_dir, until=until, return_state=True)
-with get_client(sync_client=True) as client:
-    run = client.read_flow_run(state.state_details.flow_run_id)
-print("KILN-RUN", json.dumps({"id": str(run.id), "name": run.name, "state": state.type.value}))
-"""
-
-
-def run_pipeline(api: str, tmp_path: Path, until: str, overrides: list[str]) -> dict:
-    """pipeline_flow in its own process, as a deployment's flow run would be, against `api`."""
-    env = clean_env(PREFECT_API_URL=api, PREFECT_HOME=str(tmp_path / "client-home"), KILN_NO_PROGRESS="1")
-    done = subprocess.run([sys.executable, "-c", RUN_FLOW, until, str(tmp_path / "data"), *overrides],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("KILN-RUN ")]
-    assert done.returncode == 0 and lines, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    return json.loads(lines[-1].removeprefix("KILN-RUN "))
-
-
 def test_flow_and_task_runs_are_stored_in_postgres(prefect_on_postgres, tmp_path):
     server, db = prefect_on_postgres, prefect_on_postgres.db
-    run = run_pipeline(server.api, tmp_path, "ingest", ["sample_crawl.max_pages=20", "ingest.workers=1"])
+    run = run_pipeline(server.api, tmp_path / "client-home", tmp_path / "data", "ingest",
+                       ["sample_crawl.max_pages=20", "ingest.workers=1"])
     assert run["state"] == "COMPLETED"
 
     assert db.psql(f"""select f.name, r.name, r.state_type, r.parameters->>'until' from flow_run r

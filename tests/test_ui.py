@@ -6,19 +6,15 @@ The session's `prefect_server` (prefect_test_harness) serves the API only, never
 the UI, in a throwaway PREFECT_HOME, and runs the flow against it in a separate process."""
 
 import json
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+from tests.prefect_servers import clean_env, free_port, run_pipeline, start_server, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "test-output"
@@ -29,32 +25,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not CHROMIUM, reason="no Chromium to drive (apt-get install chromium)"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def clean_env(**settings: str) -> dict[str, str]:
-    """This environment without any PREFECT_* setting of the caller's, plus `settings`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    return {**env, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", **settings}
-
-
-def stop(process: subprocess.Popen) -> None:
-    """End a process started with start_new_session=True, and everything it started."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.fixture(scope="module")
@@ -68,21 +38,8 @@ def ui_server(tmp_path_factory):
     base = f"http://127.0.0.1:{port}"
     env = clean_env(PREFECT_HOME=str(tmp / "home"), PREFECT_UI_API_URL=f"{base}/api",
                     PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp / 'prefect.db'}")
-    log = tmp / "prefect-server.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                   "--port", str(port)], cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+    server = start_server(port, env, tmp, tmp / "prefect-server.log")
     try:
-        deadline = time.time() + 90
-        while True:
-            assert server.poll() is None, f"the Prefect server exited:\n{log.read_text()[-4000:]}"
-            try:
-                with urllib.request.urlopen(f"{base}/api/health", timeout=2):
-                    break
-            except OSError:
-                assert time.time() < deadline, f"no Prefect server at {base} after 90 s:\n{log.read_text()[-4000:]}"
-                time.sleep(0.5)
         with urllib.request.urlopen(f"{base}/ui-settings", timeout=10) as response:
             assert json.load(response)["api_url"] == f"{base}/api"
         yield SimpleNamespace(url=base, tmp=tmp)
@@ -90,31 +47,12 @@ def ui_server(tmp_path_factory):
         stop(server)
 
 
-RUN_FLOW = """
-import json, sys
-from prefect.client.orchestration import get_client
-from flows.config import load_config
-from flows.pipeline import pipeline_flow
-
-until, data_dir, *overrides = sys.argv[1:]
-state = pipeline_flow(config=load_config(overrides=overrides), data_dir=data_dir, until=until, return_state=True)
-with get_client(sync_client=True) as client:
-    run = client.read_flow_run(state.state_details.flow_run_id)
-print("KILN-RUN", json.dumps({"id": str(run.id), "name": run.name, "state": state.type.value}))
-"""
-
-
 @pytest.fixture(scope="module")
 def pipeline_run(ui_server) -> dict:
     """pipeline_flow(until="clean") on a 20-page sample crawl, against the UI's server."""
-    env = clean_env(PREFECT_API_URL=f"{ui_server.url}/api", PREFECT_HOME=str(ui_server.tmp / "client-home"),
-                    KILN_NO_PROGRESS="1")
     overrides = ["sample_crawl.max_pages=20", "ingest.workers=1", "clean.workers=1"]
-    done = subprocess.run([sys.executable, "-c", RUN_FLOW, "clean", str(ui_server.tmp / "data"), *overrides],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("KILN-RUN ")]
-    assert done.returncode == 0 and lines, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    run = json.loads(lines[-1].removeprefix("KILN-RUN "))
+    run = run_pipeline(f"{ui_server.url}/api", ui_server.tmp / "client-home", ui_server.tmp / "data", "clean",
+                       overrides)
     assert run["state"] == "COMPLETED"
     return run
 

@@ -12,6 +12,7 @@ import pytest
 
 from flows.config import load_config
 from flows.pipeline import pipeline_flow
+from flows.summary import statuses_from_output
 from storage import ArtifactStore
 
 # The tiny preset, cut down: the same chain, a few training steps.
@@ -112,12 +113,7 @@ def test_two_runs_at_once_on_one_data_dir(tmp_path):
         assert len(store.list(stage)) == 1, f"one {stage} artifact, built once and shared"
         assert store.problems(store.list(stage)[0], "sha256") == []
     assert not list(data.rglob(".staging-*")), "no leftovers"
-    built = [summary_statuses(output) for output in outputs]
+    built = [statuses_from_output(output) for output in outputs]
     for stage in ("pack", "pretrain", "sft", "dpo", "evaluate"):
         assert sorted(b[stage] for b in built) == ["built", "cached"], f"{stage}: one run built it, the other waited"
 
-
-def summary_statuses(output: str) -> dict[str, str]:
-    """stage -> built/cached, from the summary table a kiln command prints."""
-    cells = [line.split("│") for line in output.splitlines() if line.startswith("│")]
-    return {c[1].strip(): c[2].strip() for c in cells if len(c) >= 10 and c[1].strip()}
