@@ -16,7 +16,8 @@ generators feed each other as in a pipeline (``step.run(docs, rank=0, world_size
   quality setting differs in one threshold, which changes what it keeps, not its cost.)
 * (B) Kiln: ``pipelines.clean.clean_steps(CleanConfig(workers=1))``, all of it: URL filter,
   extraction, language identification, the same four filters (our settings, the fast
-  tokenizer), PII scrubbing; so more work than (A), not less. For reference, also the same
+  tokenizer; Gopher and C4 as ``pipelines/quality.py``'s subclasses, which decide as
+  datatrove's), PII scrubbing; so more work than (A), not less. For reference, also the same
   chain with ``tokenizer="spacy"``, and with only extraction and the four filters, as in (A).
 * (C) ``pipelines.clean.STAGE.run`` on an ingest-like artifact holding the same pages (one
   shard: ingest writes up to 10,000 pages to one): (B) plus reading and writing Parquet and
