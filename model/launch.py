@@ -106,7 +106,7 @@ def run_accelerate(script_module: str, run_json: Path, launch: LaunchConfig, log
                 _forward(line.rstrip())
         code = process.wait()
     finally:
-        _stop(process)
+        stop_process_group(process)
     if code != 0:
         user_error = next((l for l in reversed(tail) if l.startswith("kiln:")), None)
         if user_error:
@@ -129,10 +129,12 @@ def _forward(line: str) -> None:
         log.info(line[:300])
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop_process_group(process: subprocess.Popen, grace_s: float = 10) -> None:
+    """End a process started with start_new_session=True, and everything it started:
+    SIGTERM, then SIGKILL if it is still there after `grace_s` seconds."""
     if process.poll() is not None:
         return
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5)):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:

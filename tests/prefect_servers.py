@@ -3,7 +3,6 @@ another process (tests/test_postgres.py, tests/test_ui.py)."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from model.launch import free_port
+from model.launch import free_port, stop_process_group
 
 __all__ = ["RUN_FLOW", "clean_env", "free_port", "run_pipeline", "start_server", "stop"]
 
@@ -40,17 +39,8 @@ def clean_env(**settings: str) -> dict[str, str]:
 
 
 def stop(process: subprocess.Popen) -> None:
-    """End a process started with start_new_session=True, and everything it started."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
+    """End a server and everything it started (a server gets 15 s to shut down cleanly)."""
+    stop_process_group(process, grace_s=15)
 
 
 def start_server(port: int, env: dict[str, str], cwd: Path, log: Path, timeout: float = 90) -> subprocess.Popen:
