@@ -143,7 +143,8 @@ def datatrove_chain(pages: Pages) -> Chain:
 def kiln_chain(label: str, pages: Pages, only: tuple[str, ...] = (), **settings) -> Chain:
     from datatrove.data import Document
 
-    from pipelines.clean import NEEDS_EXTRACTION, CleanConfig, clean_steps
+    from pipelines.clean import CleanConfig, clean_steps
+    from pipelines.steps import NEEDS_EXTRACTION
 
     steps = [(name, step) for name, step in clean_steps(CleanConfig(workers=1, **settings)) if not only or name in only]
 

@@ -1,4 +1,4 @@
-"""Benchmark: Kiln's vectorised MinHash + LSH (pipelines/minhash.py) vs datasketch, one core.
+"""Benchmark: Kiln's vectorised MinHash + LSH (pipelines/minhash/) vs datasketch, one core.
 
     python bench/minhash.py [--docs 3000] [--repeats 3] [--out bench/results/minhash.json]
 

@@ -51,7 +51,7 @@ from model.checkpoint import save_checkpoint  # noqa: E402
 from model.export import export_llama, llama_config, llama_state_dict  # noqa: E402
 from model.generate import SamplingConfig, generate_tokens  # noqa: E402
 from model.model import ModelConfig, Transformer, parameter_groups  # noqa: E402
-from model.train import TrainConfig  # noqa: E402
+from model.run_spec import TrainConfig  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 

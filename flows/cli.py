@@ -14,6 +14,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from flows.stages import CHAINS, TABLE, chain, model_stages
 from storage import ArtifactStore, KilnError, StorageError, default_root
 
 app = typer.Typer(
@@ -29,33 +30,17 @@ DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Artifact 
 InputOpt = Annotated[Optional[list[str]], typer.Option("--input", help="Crawl input: WARC path, glob or URL (repeatable). None: the offline sample crawl.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rebuild this command's stages even when cached.")]
 
-# command -> (the last stage it runs, help). Every command runs the chain up to its stage;
-# `--force` rebuilds the command's own stage, or every stage of the chain for corpus/data.
-STAGE_COMMANDS = {
-    "ingest": ("ingest", "Read WARC files into Parquet document shards."),
-    "clean": ("clean", "Extract main text and apply the quality filters (runs ingest first if needed)."),
-    "dedup": ("dedup", "Exact and MinHash near-duplicate removal (runs ingest and clean first if needed)."),
-    "corpus": ("dedup", "The corpus chain: ingest -> clean -> dedup."),
-    "tokenizer": ("tokenizer", "Train the byte-level BPE tokenizer on the deduplicated corpus."),
-    "pack": ("pack", "Tokenize and pack the corpus into Parquet token shards (train/ and val/)."),
-    "data": ("pack", "The data chain: corpus -> tokenizer -> pack."),
-    "pretrain": ("pretrain", "Pretrain the transformer under accelerate on the token shards."),
-    "sft": ("sft", "Supervised fine-tuning on instruction data (offline default: Q&A from the stdlib docs)."),
-    "dpo": ("dpo", "Preference tuning (DPO or IPO) of the SFT model."),
-    "evaluate": ("evaluate", "Held-out loss, perplexity, bits per byte and multiple-choice accuracy."),
-    "run": ("evaluate", "The whole pipeline on the run config: crawl to evaluated model, with a sample."),
-}
-CHAIN_COMMANDS = {"corpus", "data", "run"}
 UI_URL = "http://127.0.0.1:4200"
 
 
-def _stage_command(command: str):
-    until, help_text = STAGE_COMMANDS[command]
+def _stage_command(command: str, until: str, help_text: str, whole_chain: bool):
+    """`kiln <command>`: runs the chain up to `until`. `--force` rebuilds the command's own
+    stage, or every stage of the chain for the chain commands (corpus, data, run)."""
 
     def run(config: ConfigOpt = None, set_: SetOpt = None, data_dir: DataDirOpt = None,
             input_: InputOpt = None, force: ForceOpt = False) -> None:
         from flows.config import load_config
-        from flows.pipeline import STAGES, pipeline_flow
+        from flows.pipeline import pipeline_flow
         from flows.summary import print_summary
         from pipelines.ingest import expand_inputs
 
@@ -63,8 +48,7 @@ def _stage_command(command: str):
         if input_:
             cfg.ingest.inputs = list(input_)
         expand_inputs(cfg.ingest)  # a missing path or empty glob fails here, before Prefect starts
-        chain = ["sample-crawl", *STAGES[: STAGES.index(until) + 1]]
-        forced = [s for s in chain if force and (command in CHAIN_COMMANDS or s == command)]
+        forced = [e.name for e in chain(until) if force and (whole_chain or e.name == command)]
         store_dir = data_dir or default_root()
         with prefect_api() as ui:
             state = pipeline_flow(config=cfg, data_dir=store_dir, until=until, force=forced, return_state=True)
@@ -81,8 +65,11 @@ def _stage_command(command: str):
     return run
 
 
-for _name, (_, _help) in STAGE_COMMANDS.items():
-    app.command(_name, help=_help)(_stage_command(_name))
+for _entry in TABLE:
+    if _entry.command:
+        app.command(_entry.name, help=_entry.help)(_stage_command(_entry.name, _entry.name, _entry.help, False))
+for _name, (_until, _help) in CHAINS.items():
+    app.command(_name, help=_help)(_stage_command(_name, _until, _help, True))
 
 
 @contextlib.contextmanager
@@ -163,7 +150,7 @@ def resolve_model_dir(store: ArtifactStore, spec: str | None) -> Path:
     if spec:
         manifest = store.find(_fingerprint_of(spec))
     else:
-        trained = [m for stage in ("pretrain", "sft", "dpo") for m in store.list(stage)]
+        trained = [m for stage in model_stages() for m in store.list(stage)]
         if not trained:
             raise KilnError(f"{store.url}: no trained model yet; run `kiln pretrain` first or name a checkpoint")
         manifest = max(trained, key=lambda m: m.created)

@@ -2,7 +2,7 @@
 
 `configs/tiny.yaml` is the offline default. A section holds exactly the stage's pydantic
 config, so the same models validate the YAML, render as the Prefect UI's forms and feed the
-stage's fingerprint.
+stage's fingerprint; the sections are the lines of the stage table (flows/stages.py).
 """
 
 from __future__ import annotations
@@ -11,40 +11,23 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, create_model
 
-from model.dpo import DPOConfig
-from model.evaluate import EvaluateConfig
-from model.pretrain import PretrainConfig
-from model.sft import SFTConfig
-from pipelines.clean import CleanConfig
-from pipelines.dedup import DedupConfig
-from pipelines.ingest import IngestConfig
-from pipelines.pack import PackConfig
-from pipelines.sample_crawl import SampleCrawlConfig
-from pipelines.tokenizer import TokenizerConfig
+from flows.stages import TABLE
 from storage import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
 
-
-class KilnConfig(BaseModel):
-    """Every stage's settings. Sections left out of a YAML file keep their defaults."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field("custom", description="A label for this config, shown in summaries.")
-    sample_crawl: SampleCrawlConfig = Field(default_factory=SampleCrawlConfig)
-    ingest: IngestConfig = Field(default_factory=IngestConfig)
-    clean: CleanConfig = Field(default_factory=CleanConfig)
-    dedup: DedupConfig = Field(default_factory=DedupConfig)
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    pack: PackConfig = Field(default_factory=PackConfig)
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    sft: SFTConfig = Field(default_factory=SFTConfig)
-    dpo: DPOConfig = Field(default_factory=DPOConfig)
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+# Every stage's settings, one section per line of the stage table; sections left out of a YAML
+# file keep their defaults. `config.clean` is a CleanConfig, `config.pretrain` a PretrainConfig.
+KilnConfig = create_model(
+    "KilnConfig",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="Every stage's settings. Sections left out of a YAML file keep their defaults.",
+    name=(str, Field("custom", description="A label for this config, shown in summaries.")),
+    **{entry.section: (entry.stage.config_cls, Field(default_factory=entry.stage.config_cls)) for entry in TABLE},
+)
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -78,7 +61,7 @@ def _first_error(err: ValidationError, source: str) -> str:
     return f"{source}: {where}: {reason}"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> KilnConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None):
     """The config from a YAML file (default configs/tiny.yaml) with `key=value` overrides applied."""
     source = Path(path) if path else DEFAULT_CONFIG
     if not source.exists() and not source.is_absolute() and (CONFIG_DIR / source).exists():

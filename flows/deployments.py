@@ -16,28 +16,28 @@ from typing import Any
 from prefect import flow, serve
 from prefect.types.entrypoint import EntrypointType
 
-from flows.config import KilnConfig, load_config
-from flows.pipeline import SECTIONS, STAGES, pipeline_flow
+from flows.config import load_config
+from flows.pipeline import pipeline_flow
+from flows.stages import STAGES, TABLE, StageEntry
 from storage import ArtifactStore, default_root, local_sha256
 
 log = logging.getLogger("kiln")
 
 
-def _stage_flow(stage: str):
+def _stage_flow(entry: StageEntry):
     """A flow whose form is one stage's config; the rest of the run config comes from `base_config`."""
-    section = SECTIONS.get(stage, stage)
-    config_cls = type(getattr(KilnConfig(), section))
+    config_cls = entry.stage.config_cls
 
     def run(config, base_config: str = "tiny", crawl: list[str] | None = None, data_dir: str = default_root()):
         full = load_config(base_config)
-        setattr(full, section, config)
+        setattr(full, entry.section, config)
         if crawl:
             full.ingest.inputs = list(crawl)
-        return pipeline_flow(config=full, data_dir=data_dir, until=stage)
+        return pipeline_flow(config=full, data_dir=data_dir, until=entry.name)
 
-    name = f"{stage.replace('-', '_')}_stage"
+    name = f"{entry.section}_stage"
     run.__name__ = run.__qualname__ = name
-    run.__doc__ = f"Rebuild the {stage} stage with these settings; upstream stages come from the cache."
+    run.__doc__ = f"Rebuild the {entry.name} stage with these settings; upstream stages come from the cache."
     params = inspect.signature(run).parameters
     run.__signature__ = inspect.Signature([
         inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=config_cls(), annotation=config_cls),
@@ -45,21 +45,13 @@ def _stage_flow(stage: str):
           for p in list(params.values())[1:]),
     ])
     run.__annotations__ = {"config": config_cls, "base_config": str, "crawl": list[str] | None, "data_dir": str}
-    return flow(name=f"stage-{stage}", persist_result=False)(run)
+    return flow(name=f"stage-{entry.name}", persist_result=False)(run)
 
 
-ingest_stage = _stage_flow("ingest")
-clean_stage = _stage_flow("clean")
-dedup_stage = _stage_flow("dedup")
-tokenizer_stage = _stage_flow("tokenizer")
-pack_stage = _stage_flow("pack")
-pretrain_stage = _stage_flow("pretrain")
-sft_stage = _stage_flow("sft")
-dpo_stage = _stage_flow("dpo")
-evaluate_stage = _stage_flow("evaluate")
-STAGE_FLOWS = [ingest_stage, clean_stage, dedup_stage, tokenizer_stage, pack_stage, pretrain_stage, sft_stage,
-               dpo_stage, evaluate_stage]
-
+# One flow per stage command, each a module attribute (`flows.deployments.clean_stage`): a
+# deployment's flow run imports its flow by that path.
+STAGE_FLOWS = {entry.name: _stage_flow(entry) for entry in TABLE if entry.command}
+globals().update({stage_flow.fn.__name__: stage_flow for stage_flow in STAGE_FLOWS.values()})
 
 
 def ingested_sources(store: ArtifactStore, fingerprint: str) -> set[tuple[str, str]]:
@@ -108,9 +100,8 @@ def build_deployments(data_dir: str, base_config: str, refresh_crawl: list[str],
     deployments = [pipeline_flow.to_deployment(
         "kiln-pipeline", parameters={"config": config.model_dump(mode="json"), "data_dir": data_dir},
         description="The whole pipeline, crawl to evaluated model.", tags=["kiln"], **common)]
-    for stage_flow in STAGE_FLOWS:
-        stage = stage_flow.name.removeprefix("stage-")
-        section = getattr(config, SECTIONS.get(stage, stage))
+    for stage, stage_flow in STAGE_FLOWS.items():
+        section = getattr(config, STAGES[stage].section)
         deployments.append(stage_flow.to_deployment(
             f"kiln-{stage}", parameters={"config": section.model_dump(mode="json"), "base_config": base_config,
                                          "data_dir": data_dir},
@@ -126,5 +117,3 @@ def build_deployments(data_dir: str, base_config: str, refresh_crawl: list[str],
 def serve_deployments(data_dir: str, base_config: str, refresh_crawl: list[str], cron: str) -> None:
     serve(*build_deployments(data_dir, base_config, refresh_crawl, cron))
 
-
-assert set(f.name.removeprefix("stage-") for f in STAGE_FLOWS) == set(STAGES), "a stage without a deployment"

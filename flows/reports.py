@@ -76,6 +76,6 @@ def publish(stage: str, run: dict[str, Any], location: str | None) -> None:
         link = location if "://" in location else f"file://{location}"
         create_link_artifact(key=f"{stage}-files", link=link, link_text=f"{stage}/{manifest['fingerprint'][:12]}",
                              description=f"{stage}: the artifact directory")
-        if stage in ("pretrain", "sft", "dpo"):
+        if stats.get("loss_curve"):  # a training stage: its TensorBoard run
             create_link_artifact(key=f"{stage}-tensorboard", link=f"{link}/{stage}",
                                  link_text=f"tensorboard --logdir {location}", description="TensorBoard logs")

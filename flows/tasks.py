@@ -1,7 +1,7 @@
 """One Prefect task per stage: cached on the artifact's fingerprint, retried on transient errors.
 
-The task's inputs are small and JSON-able (the stage's config, the input manifests and the
-data root); its result is the output manifest, never the data. The cache key is the
+The task's inputs are small: the stage's pydantic config, the input manifests and the data
+root; its result is the output manifest as JSON, never the data. The cache key is the
 fingerprint of the artifact the task would build. Before each call the flow checks that
 artifact: when it is missing or fails verification, the call refreshes the cache (runs and
 records anew) instead of answering from it, so a deleted artifact is rebuilt, never a stale
@@ -31,15 +31,10 @@ RETRIES = 3
 log = logging.getLogger("kiln")
 
 
-def _stages() -> dict[str, Stage]:
-    from flows.registry import STAGES
+def _stage(name: str) -> Stage:
+    from flows.stages import STAGES
 
-    return STAGES
-
-
-def _resolve(stage_name: str, config: dict, inputs: list[dict]) -> tuple[Stage, StageConfig, list[Manifest]]:
-    stage = _stages()[stage_name]
-    return stage, stage.config_cls.model_validate(config), [Manifest.model_validate(m) for m in inputs]
+    return STAGES[name].stage
 
 
 @dataclass
@@ -47,8 +42,8 @@ class ArtifactFingerprint(CachePolicy):
     """Prefect cache key = the output artifact's fingerprint (and the store it lives in)."""
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
-        stage, config, manifests = _resolve(inputs["stage_name"], inputs["config"], inputs["inputs"])
-        return cache_key(stage, stage.fingerprint(config, manifests), inputs["data_dir"])
+        stage = _stage(inputs["stage_name"])
+        return cache_key(stage, stage.fingerprint(inputs["config"], inputs["inputs"]), inputs["data_dir"])
 
 
 def cache_key(stage: Stage, fp: str, data_dir: str) -> str:
@@ -56,9 +51,8 @@ def cache_key(stage: Stage, fp: str, data_dir: str) -> str:
     return f"kiln-{stage.name}-{fp}-{root}"
 
 
-def artifact_is_intact(stage_name: str, config: StageConfig, inputs: list[dict], data_dir: str) -> bool:
-    stage = _stages()[stage_name]
-    fp = stage.fingerprint(config, [Manifest.model_validate(i["manifest"]) for i in inputs])
+def artifact_is_intact(stage_name: str, config: StageConfig, inputs: list[Manifest], data_dir: str) -> bool:
+    fp = _stage(stage_name).fingerprint(config, inputs)
     return ArtifactStore(data_dir).get(stage_name, fp) is not None
 
 
@@ -79,11 +73,11 @@ def should_retry(task, task_run, state) -> bool:
     retry_jitter_factor=0.5,
     retry_condition_fn=should_retry,
 )
-def stage_task(stage_name: str, config: dict, inputs: list[dict], data_dir: str, force: bool = False) -> dict:
-    stage, stage_config, manifests = _resolve(stage_name, config, inputs)
+def stage_task(stage_name: str, config: StageConfig, inputs: list[Manifest], data_dir: str, force: bool = False) -> dict:
+    """Build (or find) the stage's artifact; `config` is the stage's own pydantic config."""
     started = time.perf_counter()
-    with device_slots(stage_name, stage_config):
-        manifest = stage.run(stage_config, manifests, ArtifactStore(data_dir), force=force)
+    with device_slots(stage_name, config):
+        manifest = _stage(stage_name).run(config, inputs, ArtifactStore(data_dir), force=force)
     return {
         "manifest": manifest.model_dump(mode="json"),
         "built": manifest.built,
@@ -91,7 +85,6 @@ def stage_task(stage_name: str, config: dict, inputs: list[dict], data_dir: str,
     }
 
 
-TRAINING_STAGES = ("pretrain", "sft", "dpo")
 LEASE_SECONDS = 60  # the least the server accepts
 
 
@@ -99,8 +92,10 @@ LEASE_SECONDS = 60  # the least the server accepts
 def device_slots(stage_name: str, config: StageConfig):
     """Training holds one slot of the global `gpu` limit per GPU it uses (`cpu-training`, one
     slot, on a machine without GPUs), so concurrent runs queue for devices instead of sharing
-    them. The limit is created on first use with as many slots as the machine has GPUs."""
-    if stage_name not in TRAINING_STAGES:
+    them. The limit is created on first use with as many slots as the machine has GPUs. A
+    stage trains when its config has a `launch` section."""
+    launch = getattr(config, "launch", None)
+    if launch is None:
         yield
         return
     import torch
@@ -111,8 +106,7 @@ def device_slots(stage_name: str, config: StageConfig):
 
     gpus = torch.cuda.device_count()
     name, capacity = ("gpu", gpus) if gpus else ("cpu-training", 1)
-    launch = getattr(config, "launch", None)
-    wanted = min(capacity, getattr(launch, "num_processes", 1)) if gpus else 1
+    wanted = min(capacity, launch.num_processes) if gpus else 1
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)
@@ -153,7 +147,7 @@ def release_lapsed_leases(client) -> None:
                 client.release_concurrency_slots_with_lease(lease_id)
 
 
-def run_stage(stage_name: str, config: StageConfig, inputs: list[dict], data_dir: str, force: bool = False) -> dict:
+def run_stage(stage_name: str, config: StageConfig, inputs: list[Manifest], data_dir: str, force: bool = False) -> dict:
     """Run a stage's task inside a flow; returns {manifest, built, seconds, cached}.
 
     `cached` is true when no work was done: a Prefect cache hit, or an artifact another run
@@ -162,8 +156,7 @@ def run_stage(stage_name: str, config: StageConfig, inputs: list[dict], data_dir
     started = time.perf_counter()
     refresh = force or not artifact_is_intact(stage_name, config, inputs, data_dir)
     state = stage_task.with_options(name=stage_name, task_run_name=stage_name, refresh_cache=refresh)(
-        stage_name, config.model_dump(mode="json"), [i["manifest"] for i in inputs], data_dir, force,
-        return_state=True,
+        stage_name, config, inputs, data_dir, force, return_state=True,
     )
     result = state.result()  # raises the stage's own exception when it failed
     cached = state.name == "Cached" or not result["built"]

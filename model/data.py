@@ -1,4 +1,5 @@
-"""Training batches from a pack artifact: `(inputs, targets)` LongTensors of `[batch, seq_len]`.
+"""Training batches: from a pack artifact's token shards (`TokenShardLoader`: `(inputs, targets)`
+LongTensors of `[batch, seq_len]`), and of example indices (`IndexLoader`, for SFT and DPO).
 
 A pack artifact holds `train/*.parquet` and `val/*.parquet`, one row of `seq_len + 1` token ids
 per sequence (see pipelines/pack.py). The loader never holds a split in memory: it reads a
@@ -125,3 +126,41 @@ class TokenShardLoader:
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"the saved loader state has {key}={state[key]!r}, this loader {getattr(self, key)!r}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class IndexLoader:
+    """Batches of example indices, endless: epochs of a seeded permutation one after another.
+
+    Global batch g is positions [g*B*W, (g+1)*B*W) of the stream of epochs; rank r takes its
+    B-slice r of each. A batch may span two epochs, so any number of examples serves any batch
+    size. State = batches this rank has taken: the stream is a pure function of (seed, n)."""
+
+    def __init__(self, count: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if count < 1:
+            raise ValueError("no examples to make batches of")
+        self.count, self.batch_size, self.seed = count, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.taken = 0
+        self._epoch: tuple[int, np.ndarray | None] = (-1, None)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._epoch[0] != epoch:
+            self._epoch = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.count))
+        return self._epoch[1]
+
+    def batch(self, g: int) -> np.ndarray:
+        start = (g * self.world_size + self.rank) * self.batch_size
+        positions = range(start, start + self.batch_size)
+        return np.array([self._order(p // self.count)[p % self.count] for p in positions])
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            indices = self.batch(self.taken)
+            self.taken += 1
+            yield indices
+
+    def state_dict(self) -> dict[str, int]:
+        return {"taken": self.taken}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.taken = int(state["taken"])

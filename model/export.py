@@ -13,8 +13,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from model.checkpoint import TOKENIZER_FILES, load_checkpoint, write_atomically
+from model.checkpoint import TOKENIZER_FILES, load_checkpoint
 from model.model import ModelConfig, Transformer
+from storage import atomic_dir
 
 
 def llama_config(config: ModelConfig, special_ids: dict[str, int] | None = None) -> dict:
@@ -88,5 +89,5 @@ def export_llama(checkpoint: Path, output: Path) -> Path:
             if (checkpoint / name).exists():
                 shutil.copyfile(checkpoint / name, temp / name)
 
-    write_atomically(output, fill)
+    atomic_dir(output, fill)
     return output

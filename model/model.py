@@ -14,42 +14,57 @@ one token cost one token's work. In training, the head and the loss are one chun
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-@dataclass
-class ModelConfig:
-    vocab_size: int = 8192
-    seq_len: int = 256            # the longest context trained on; RoPE tables cover it
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int = 4            # < n_head: grouped-query attention (n_head % n_kv_head == 0)
-    d_model: int = 256
-    ffn_hidden: int | None = None  # SwiGLU width; default ~8/3 d_model rounded to 64
+class ModelShape(BaseModel):
+    """The architecture, as a run config sets it (`pretrain.model`); the vocabulary size and the
+    context length come from the data (ModelConfig adds them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_kv_head: int = Field(4, ge=1, description="Fewer than n_head: grouped-query attention.")
+    d_model: int = Field(256, ge=8)
+    ffn_hidden: int | None = Field(None, description="SwiGLU width; default ~8/3 d_model rounded to 64.")
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
-    dropout: float = 0.0
+    dropout: float = Field(0.0, ge=0, lt=1)
     init_std: float = 0.02
 
-    def __post_init__(self):
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelShape":
         if self.d_model % self.n_head:
             raise ValueError(f"d_model {self.d_model} is not a multiple of n_head {self.n_head}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        return self
+
+
+class ModelConfig(ModelShape):
+    """Everything that builds a Transformer; stored in every checkpoint's config.json."""
+
+    vocab_size: int = Field(8192, ge=1)
+    seq_len: int = Field(256, ge=1, description="The longest context trained on; RoPE tables cover it.")
+
+    @model_validator(mode="after")
+    def _default_ffn(self) -> "ModelConfig":
         if self.ffn_hidden is None:
             self.ffn_hidden = 64 * math.ceil(8 * self.d_model / 3 / 64)
+        return self
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
 
 class RMSNorm(nn.Module):

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
 
-from storage import ArtifactStore, ArtifactWriter, Manifest
+from storage import ArtifactStore, Manifest
 from storage.stage import (  # noqa: F401 - re-exported: the stage protocol, for pipelines/
     ConfigError, InputError, KilnError, Stage, StageConfig, TransientError,
 )

@@ -5,7 +5,7 @@ index the new documents are also checked against (a refreshed crawl then keeps o
 new). Output: the kept documents, shard for shard, and `index/`, the signature index of
 everything kept so far (the earlier index included), for the next refresh.
 
-Two passes over the text: signatures (streamed, spilled to disk, see minhash.py), then the
+Two passes over the text: signatures (streamed, spilled to disk, see pipelines/minhash/), then the
 kept rows written out. Memory holds one batch of text and one LSH band at a time.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from pipelines.common import ConfigError, InputError, Progress, Stage, StageConfig, document_shards, read_shard
 from pipelines.minhash import IndexConfigError, MinHashConfig, MinHashDeduplicator, SignatureIndex
@@ -26,53 +26,30 @@ from storage import ArtifactStore, ArtifactWriter, Manifest
 INDEX_DIR = "index"
 
 
-class DedupConfig(StageConfig):
+class DedupConfig(StageConfig, MinHashConfig):
+    """The MinHash settings (pipelines/minhash/config.py) and what the stage adds to them."""
+
     exact: bool = Field(True, description="Drop exact duplicates of the normalized text first.")
-    ngram: int = Field(5, ge=1, description="Words per shingle.")
-    num_bands: int = Field(14, ge=1, description="LSH bands.")
-    rows_per_band: int = Field(8, ge=1, description="MinHash rows per band (hashes = bands x rows).")
-    similarity_threshold: float | None = Field(
-        0.75, ge=0, le=1,
-        description="A candidate pair is a duplicate only if its estimated Jaccard reaches this; "
-                    "None keeps every LSH candidate (flags ~5% of pairs at similarity 0.5 with 14x8).",
-    )
-    normalize_digits: bool = Field(True, description="Treat every number as 0 when comparing.")
-    seed: int = Field(0x6B696C6E, description="Seed of the hash functions; an index only matches its own seed.")
     against: str | None = Field(
         None, description="Fingerprint of an earlier dedup artifact: also drop documents it already holds.",
     )
     batch_size: int = Field(4096, ge=1, description="Documents hashed per batch.")
 
-    @model_validator(mode="after")
-    def _minhash_is_valid(self) -> "DedupConfig":
-        try:
-            self.minhash()
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"invalid MinHash settings: {err}") from None
-        return self
 
-    def minhash(self) -> MinHashConfig:
-        return MinHashConfig(
-            ngram=self.ngram, num_bands=self.num_bands, rows_per_band=self.rows_per_band, seed=self.seed,
-            similarity_threshold=self.similarity_threshold, normalize_digits=self.normalize_digits,
-        )
+def earlier_corpus(config: DedupConfig, store: ArtifactStore) -> list[Manifest]:
+    """The dedup artifact a refreshed crawl is deduplicated against (`against`), if any."""
+    return [store.find(config.against)] if config.against else []
 
 
-def _load_earlier_index(store: ArtifactStore, earlier: list[Manifest], config: MinHashConfig,
+def _load_earlier_index(store: ArtifactStore, earlier: list[Manifest], config: DedupConfig,
                         scratch: Path) -> SignatureIndex | None:
     if not earlier:
         return None
     manifest = earlier[-1]  # each index holds all earlier ones: the latest is enough
     if manifest.stage != "dedup" or not manifest.files_under(INDEX_DIR):
         raise InputError(f"{manifest.stage}/{manifest.short}: not a dedup artifact with a signature index")
-    local = scratch / "earlier-index"
-    for entry in manifest.files_under(INDEX_DIR):
-        target = local / Path(entry.path).relative_to(INDEX_DIR)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with store.open(manifest, entry.path) as src:
-            target.write_bytes(src.read())
     try:
-        return SignatureIndex.load(local, config)
+        return SignatureIndex.load(store.local_dir(manifest, INDEX_DIR, scratch), config)
     except IndexConfigError as err:
         raise ConfigError(f"dedup/{manifest.short}: its index was made with other MinHash settings ({err})") from None
 
@@ -120,12 +97,11 @@ def build_dedup(config: DedupConfig, inputs: list[Manifest], store: ArtifactStor
     if not inputs:
         raise InputError("dedup: needs a clean artifact as input")
     clean, earlier = inputs[0], inputs[1:]
-    minhash = config.minhash()
     shards = document_shards(clean)
     with tempfile.TemporaryDirectory(prefix="kiln-dedup-") as scratch_dir:
         scratch = Path(scratch_dir)
-        index = _load_earlier_index(store, earlier, minhash, scratch)
-        with MinHashDeduplicator(minhash, workdir=scratch / "work", index=index, exact=config.exact) as dedup:
+        index = _load_earlier_index(store, earlier, config, scratch)
+        with MinHashDeduplicator(config, workdir=scratch / "work", index=index, exact=config.exact) as dedup:
             counts = _signature_pass(dedup, store, clean, shards, config.batch_size)
             result = dedup.finalize()
             _write_kept(writer, store, clean, shards, counts, result.keep)

@@ -23,21 +23,20 @@ randomness. ``KilnExtractor`` wraps the function as a datatrove block.
 
 from __future__ import annotations
 
-import codecs
 import inspect
 import re
 from collections import Counter
-from dataclasses import dataclass
-from functools import lru_cache
 from typing import Literal
 
 import trafilatura
 from datatrove.pipeline.extractors.base import BaseExtractor
 from lxml import etree
+from pydantic import BaseModel, ConfigDict, Field
 from lxml import html as lxml_html
 from resiliparse.extract.html2text import extract_plain_text
-from resiliparse.parse.encoding import bytes_to_str, detect_encoding, map_encoding_to_html5
 from resiliparse.parse.html import HTMLTree
+
+from pipelines.charset import decode_text
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -52,33 +51,26 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class ExtractConfig:
-    """The knobs worth turning; the defaults are the measured best on the
-    scrapinghub article-extraction benchmark (see bench/extraction.py).
+class ExtractConfig(BaseModel):
+    """The knobs worth turning; the defaults are the measured best on the scrapinghub
+    article-extraction benchmark (see bench/extraction.py)."""
 
-    backend: "trafilatura" (quality) or "resiliparse" (about 5x faster,
-        clearly lower precision: it keeps more boilerplate; F1 0.906 vs 0.973).
-    focus: trafilatura's precision/recall balance. "recall" scored best
-        (0.973; balanced 0.972, precision 0.952) and, with trafilatura 2.x,
-        skips the second "escalation" pass over short results, so it is
-        also the fastest.
-    fast: skip trafilatura's comparison with readability/justext: a quarter
-        less time, and on the benchmark that comparison costs F1 (0.969).
-    include_tables: keep text inside <table>; tables often hold real content.
-    strip_headline: remove the headline and the standfirst, which are page
-        furniture rather than article body.
-    merge_split_bodies: re-join an article body split over several
-        same-class containers (ads in between), which trafilatura would
-        otherwise cut after the first piece.
-    """
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    backend: Literal["trafilatura", "resiliparse"] = "trafilatura"
-    focus: Literal["recall", "balanced", "precision"] = "recall"
-    fast: bool = True
-    include_tables: bool = True
-    strip_headline: bool = True
-    merge_split_bodies: bool = True
+    backend: Literal["trafilatura", "resiliparse"] = Field(
+        "trafilatura", description="trafilatura (quality) or resiliparse (about 5x faster, clearly lower "
+                                   "precision: it keeps more boilerplate; F1 0.906 vs 0.973).")
+    focus: Literal["recall", "balanced", "precision"] = Field(
+        "recall", description="trafilatura's precision/recall balance. recall scored best (0.973; balanced "
+                              "0.972, precision 0.952) and skips trafilatura's second pass over short results.")
+    fast: bool = Field(True, description="Skip trafilatura's comparison with readability/justext: a quarter "
+                                         "less time, and on the benchmark that comparison costs F1 (0.969).")
+    include_tables: bool = Field(True, description="Keep text inside <table>; tables often hold real content.")
+    strip_headline: bool = Field(True, description="Remove the headline and the standfirst, page furniture "
+                                                   "rather than article body.")
+    merge_split_bodies: bool = Field(True, description="Re-join an article body split over several same-class "
+                                                       "containers (ads in between), which trafilatura would "
+                                                       "otherwise cut after the first piece.")
 
 
 DEFAULT_CONFIG = ExtractConfig()
@@ -86,52 +78,17 @@ DEFAULT_CONFIG = ExtractConfig()
 
 # --------------------------------------------------------------------------- decoding
 
-_BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
-
 
 def decode_html(data: bytes, charset: str | None = None) -> str:
-    """Decode an HTML byte string.
-
-    Order: a BOM wins; then bytes that are valid UTF-8 are UTF-8 (text in any
-    other non-ASCII encoding is practically never valid UTF-8, while pages
-    mislabelled as latin-1 that really are UTF-8 are common); then the
-    transport ``charset`` (e.g. from the HTTP header of a WARC record); then
-    the page's <meta> charset in its first 4 KiB; else uchardet's guess.
-    Labels are mapped the WHATWG way (latin-1 and ascii -> windows-1252, as
-    browsers do), and undecodable bytes become U+FFFD.
-    """
-    for bom, encoding in _BOMS:
-        if data.startswith(bom):
-            return data[len(bom) :].decode(encoding, errors="replace")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
-    encoding = _codec(charset) or _meta_charset(data) or detect_encoding(data)
-    return bytes_to_str(data, encoding, errors="replace")
-
-
-_META_CHARSET = re.compile(rb"""<meta[^>]+?charset\s*=\s*["']?\s*([a-z0-9_.:-]+)""", re.IGNORECASE)
-_META_PROBE_BYTES = 4096
-
-
-def _meta_charset(data: bytes) -> str | None:
-    match = _META_CHARSET.search(data, 0, _META_PROBE_BYTES)
-    return _codec(match.group(1).decode("ascii")) if match else None
-
-
-def _codec(label: str | None) -> str | None:
-    """The Python codec for a charset label, WHATWG-mapped; None if unknown."""
-    if not label:
-        return None
-    label = label.strip().strip("\"'").lower()
-    try:
-        python_name = codecs.lookup(label).name
-    except LookupError:
-        python_name = None
-    return map_encoding_to_html5(label, fallback_utf8=False) or (
-        python_name and (map_encoding_to_html5(python_name, fallback_utf8=False) or python_name)
-    )
+    """Decode an HTML byte string with pipelines/charset.py (the decoder ingest uses), valid
+    UTF-8 first: a BOM wins; then bytes that are valid UTF-8 are UTF-8 (text in any other
+    non-ASCII encoding is practically never valid UTF-8, while pages mislabelled as latin-1 that
+    really are UTF-8 are common); then the transport ``charset`` (e.g. from the HTTP header of a
+    WARC record); then the page's <meta> charset; else a detector's guess. Labels are mapped the
+    WHATWG way (latin-1 and ascii -> windows-1252, as browsers do); what decodes with nothing
+    becomes U+FFFD."""
+    decoded = decode_text(data, charset, prefer_utf8=True)
+    return decoded[0] if decoded is not None else data.decode("utf-8", errors="replace")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -303,7 +260,6 @@ def strip_headline(text: str, candidates: set[str]) -> str | None:
 _FAST_KW = "fast" if "fast" in inspect.signature(trafilatura.extract).parameters else "no_fallback"
 
 
-@lru_cache(maxsize=16)
 def _trafilatura_kwargs(config: ExtractConfig) -> dict:
     return {
         _FAST_KW: config.fast,

@@ -25,9 +25,6 @@ import logging
 import os
 import posixpath
 import shutil
-import socket
-import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -35,13 +32,13 @@ from typing import Any, BinaryIO, Literal
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from storage.atomic import atomic_file, is_temporary, swap_into_place
 from storage.manifest import MANIFEST_NAME, FileEntry, Manifest, StorageError
 
 log = logging.getLogger(__name__)
 
 Verify = Literal["none", "size", "sha256"]
 STAGING_PREFIX = ".staging-"
-TEMP_MARK = ".tmp-"
 
 
 def default_root() -> str:
@@ -88,6 +85,20 @@ class ArtifactStore:
         if not self.is_local:
             raise StorageError(f"{self.url}: not a local store; read through store.open()")
         return Path(self.artifact_dir(manifest.stage, manifest.fingerprint), relpath)
+
+    def local_dir(self, manifest: Manifest, prefix: str, scratch: Path) -> Path:
+        """A local directory holding an artifact's files under `prefix` ("" for all of them):
+        the artifact itself on a local store, a copy in `scratch` from an object store."""
+        if self.is_local:
+            return self.local_path(manifest, prefix)
+        target = Path(scratch) / f"{manifest.stage}-{manifest.short}" / prefix
+        entries = manifest.files_under(prefix) if prefix else manifest.files
+        for entry in entries:
+            destination = target / posixpath.relpath(entry.path, prefix or ".")
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with self.open(manifest, entry.path) as src, open(destination, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        return target
 
     def uri(self, manifest: Manifest, relpath: str = "") -> str:
         path = posixpath.join(self.artifact_dir(manifest.stage, manifest.fingerprint), relpath)
@@ -316,9 +327,14 @@ class ArtifactWriter:
         return Path(self.path(relpath))
 
     def prepare(self, fresh: bool) -> None:
+        """Make the working directory; a resumed one keeps its whole files and loses the
+        temporary ones of writers that were killed (this run holds the artifact's lock)."""
         if fresh and self.fs.exists(self.workdir):
             self.fs.rm(self.workdir, recursive=True)
         self.fs.makedirs(self.workdir, exist_ok=True)
+        for path in self.fs.find(self.workdir, withdirs=True) if not fresh else []:
+            if is_temporary(path) and self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
 
     def done(self, relpath: str) -> bool:
         """Whether a complete file already sits at relpath (written by an earlier, killed run)."""
@@ -329,23 +345,15 @@ class ArtifactWriter:
 
     @contextlib.contextmanager
     def open(self, relpath: str, mode: str = "wb") -> Iterator[BinaryIO]:
-        """Write a file atomically: under a temporary name, renamed when the block succeeds."""
+        """Write a file atomically (storage/atomic.py); on object stores the manifest commits."""
         final = self.path(relpath)
-        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
         if not self.store.is_local:
+            self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
             with self.fs.open(final, mode) as handle:
                 yield handle
             return
-        temp = f"{final}{TEMP_MARK}{uuid.uuid4().hex[:8]}"
-        try:
-            with open(temp, mode) as handle:
-                yield handle
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, final)
-        finally:
-            if os.path.exists(temp):
-                os.remove(temp)
+        with atomic_file(final, mode) as handle:
+            yield handle
 
     def write_bytes(self, relpath: str, data: bytes) -> None:
         with self.open(relpath) as handle:
@@ -383,8 +391,11 @@ class ArtifactWriter:
         paths = []
         for path in self.fs.find(self.workdir):
             relpath = path[len(root):] if path.startswith(root) else posixpath.relpath(path, self.workdir)
-            if TEMP_MARK in posixpath.basename(relpath) or relpath == MANIFEST_NAME:
+            if relpath == MANIFEST_NAME:
                 continue
+            if is_temporary(relpath):
+                raise StorageError(f"{path}: a temporary file in the artifact being committed "
+                                   f"(a writer did not finish); not committing")
             paths.append(relpath)
         return sorted(paths)
 
@@ -410,14 +421,3 @@ class ArtifactWriter:
             raise StorageError(f"{final}: the artifact just committed does not verify")
         return committed
 
-
-def swap_into_place(staging: Path, final: Path) -> None:
-    """Rename a finished directory to its final name, replacing an older one: readers see the
-    old directory or the new one, never a mix."""
-    if final.exists():
-        trash = final.with_name(f".trash-{final.name}-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}")
-        os.rename(final, trash)
-        os.rename(staging, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(staging, final)

@@ -124,7 +124,7 @@ def retry_reruns_the_failed_stage_only(env: dict, tmp_path: Path) -> None:
     from prefect.deployments import run_deployment
 
     from flows.config import load_config
-    from model.sft import default_data
+    from model.instruction_data import default_data
     from tests.flows.test_pipeline import QUICK
 
     instructions = tmp_path / "instructions.jsonl"

@@ -3,7 +3,7 @@
 import pytest
 from prefect import flow
 
-import flows.registry
+import flows.stages
 from flows.tasks import run_stage
 from pipelines.common import InputError, Stage, StageConfig, TransientError
 
@@ -28,7 +28,8 @@ def flaky_build(config, inputs, store, writer):
 @pytest.fixture
 def flaky_stage(monkeypatch):
     ATTEMPTS.clear()
-    monkeypatch.setitem(flows.registry.STAGES, "flaky", Stage("flaky", FlakyConfig, flaky_build))
+    entry = flows.stages.StageEntry(Stage("flaky", FlakyConfig, flaky_build), (), "A stage that fails at first.")
+    monkeypatch.setitem(flows.stages.STAGES, "flaky", entry)
 
 
 @flow

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import dpo
+from model import dpo, objectives
 from model.chat_format import ChatFormat
-from model.sft import read_entries
-from model.train import TrainConfig
+from model.instruction_data import read_entries
+from model.run_spec import DPOData, RunSpec, TrainConfig
 from storage import ArtifactStore, InputError
 from tests.model.test_chat_format import tokenizer_artifact
 from tests.model.test_pretrain import copy_inputs
@@ -33,7 +33,7 @@ def logps():
 
 def test_sigmoid_loss_is_minus_log_sigmoid_of_beta_times_the_log_ratio_difference():
     pc, pr, rc, rr = logps()
-    losses, chosen, rejected = dpo.dpo_loss(pc, pr, rc, rr, beta=0.1, kind="sigmoid")
+    losses, chosen, rejected = objectives.dpo_loss(pc, pr, rc, rr, beta=0.1, kind="sigmoid")
     for i in range(4):
         h = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
         assert losses[i].item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.1 * h))), rel=1e-6)
@@ -46,28 +46,28 @@ def test_sigmoid_loss_is_minus_log_sigmoid_of_beta_times_the_log_ratio_differenc
 def test_the_loss_is_log_2_when_the_policy_is_the_reference():
     pc, pr, _, _ = logps()
     for beta in (0.1, 0.5, 2.0):
-        losses, chosen, rejected = dpo.dpo_loss(pc, pr, pc.clone(), pr.clone(), beta=beta, kind="sigmoid")
+        losses, chosen, rejected = objectives.dpo_loss(pc, pr, pc.clone(), pr.clone(), beta=beta, kind="sigmoid")
         assert torch.allclose(losses, torch.full((4,), math.log(2)))
         assert (chosen == 0).all() and (rejected == 0).all()
 
 
 def test_ipo_loss_is_the_squared_distance_of_the_log_ratio_difference_to_half_over_beta():
     pc, pr, rc, rr = logps()
-    losses, _, _ = dpo.dpo_loss(pc, pr, rc, rr, beta=0.25, kind="ipo")
+    losses, _, _ = objectives.dpo_loss(pc, pr, rc, rr, beta=0.25, kind="ipo")
     h = (pc - rc) - (pr - rr)
     assert torch.allclose(losses, (h - 2.0) ** 2)
     assert losses[0].item() == pytest.approx((1.5 - 2.0) ** 2)
-    same, _, _ = dpo.dpo_loss(pc, pr, pc, pr, beta=0.25, kind="ipo")
+    same, _, _ = objectives.dpo_loss(pc, pr, pc, pr, beta=0.25, kind="ipo")
     assert torch.allclose(same, torch.full((4,), 4.0))
 
 
 def test_gradients_raise_the_chosen_and_lower_the_rejected():
     pc, pr, rc, rr = (t.clone().requires_grad_(i < 2) for i, t in enumerate(logps()))
-    losses, _, _ = dpo.dpo_loss(pc, pr, rc, rr, beta=0.1, kind="sigmoid")
+    losses, _, _ = objectives.dpo_loss(pc, pr, rc, rr, beta=0.1, kind="sigmoid")
     losses.sum().backward()
     assert (pc.grad < 0).all() and (pr.grad > 0).all()
     with pytest.raises(ValueError, match="unknown DPO loss"):
-        dpo.dpo_loss(pc, pr, rc, rr, beta=0.1, kind="hinge")
+        objectives.dpo_loss(pc, pr, rc, rr, beta=0.1, kind="hinge")
 
 
 # ------------------------------------------------------------------ data
@@ -122,9 +122,9 @@ def test_sequence_logps_sum_the_response_tokens_only(inputs):
     chat = ChatFormat.from_dir(store.local_path(tok))
     prompt = [{"role": "user", "content": "Which module provides `dumps`?"}]
     chosen, rejected = dpo.encode_pair(chat, prompt, "The `json` module.", "No idea", 64)
-    inputs_, targets, mask = dpo.collate([(chosen.ids, chosen.mask), (rejected.ids, rejected.mask)], chat.pad_id)
+    inputs_, targets, mask = objectives.collate([(chosen.ids, chosen.mask), (rejected.ids, rejected.mask)], chat.pad_id)
     with torch.no_grad():
-        got = dpo.sequence_logps(model, inputs_, targets, mask)
+        got = objectives.sequence_logps(model, inputs_, targets, mask)
         for row, tokens in enumerate((chosen, rejected)):
             logits, _ = model(torch.tensor([tokens.ids[:-1]]))
             logp = F.log_softmax(logits[0].float(), -1)
@@ -149,7 +149,7 @@ def metrics(store: ArtifactStore, manifest) -> list[dict]:
 
 def pair_files(chat: ChatFormat, directory: Path, count: int = 20) -> dict[str, str]:
     """Encoded pairs of both splits, as the stage writes them."""
-    from model.sft import write_table
+    from model.instruction_data import write_table
 
     paths = {}
     for split in ("train", "val"):
@@ -172,18 +172,26 @@ def test_a_precomputed_reference_gives_the_losses_of_the_reference_model(inputs,
 
     from model.checkpoint import load_checkpoint
 
+    from model.checkpoint import read_config
+    from model.model import ModelConfig
+
     store, trained, tok = inputs
     chat = ChatFormat.from_dir(store.local_path(tok))
-    spec = {"train": TrainConfig(batch_size=4).model_dump(), "init_from": str(store.local_path(trained, "model")),
-            "pairs": pair_files(chat, tmp_path), "out_dir": str(tmp_path),
-            "dpo": {"beta": 0.1, "loss": "sigmoid", "pad_id": chat.pad_id}}
-    run = SimpleNamespace(accelerator=Accelerator(cpu=True))
-    held = dpo.DPOObjective({**spec, "dpo": {**spec["dpo"], "reference": "model"}}, run)
-    precomputed = dpo.DPOObjective({**spec, "dpo": {**spec["dpo"], "reference": "precomputed"}}, run)
-    assert held.reference_model is not None and precomputed.reference_model is None
-    assert (tmp_path / dpo.REFERENCE_FILE).exists()
+    model_dir = store.local_path(trained, "model")
+    pairs = pair_files(chat, tmp_path)
 
-    policy, _ = load_checkpoint(Path(spec["init_from"]))
+    def spec(reference: str) -> RunSpec:
+        return RunSpec(stage="dpo", out_dir=tmp_path, model=ModelConfig(**read_config(model_dir)["model"]),
+                       train=TrainConfig(batch_size=4), init_from=model_dir,
+                       data=DPOData(pairs=pairs, beta=0.1, loss="sigmoid", reference=reference, pad_id=chat.pad_id))
+
+    run = SimpleNamespace(accelerator=Accelerator(cpu=True))
+    held = objectives.DPOObjective(spec("model"), run)
+    precomputed = objectives.DPOObjective(spec("precomputed"), run)
+    assert held.reference_model is not None and precomputed.reference_model is None
+    assert (tmp_path / objectives.REFERENCE_FILE).exists()
+
+    policy, _ = load_checkpoint(model_dir)
     batch = next(iter(held.train_batches(0, 1)))
     loss, extras = precomputed.loss(policy, batch)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and extras["reward_margin"] == pytest.approx(0, abs=1e-6)
@@ -195,7 +203,7 @@ def test_a_precomputed_reference_gives_the_losses_of_the_reference_model(inputs,
     assert moved.item() == pytest.approx(held.loss(policy, batch)[0].item(), rel=1e-6)
     with torch.no_grad():
         assert precomputed.evaluate(policy, 0, 1, 2) == pytest.approx(held.evaluate(policy, 0, 1, 2), rel=1e-6)
-    again = dpo.DPOObjective({**spec, "dpo": {**spec["dpo"], "reference": "precomputed"}}, run)
+    again = objectives.DPOObjective(spec("precomputed"), run)
     assert again.reference_model is None, "computed once: a resumed run reads the file back"
 
 
@@ -205,7 +213,7 @@ def test_dpo_stage_moves_the_policy_towards_the_chosen_responses(inputs, tmp_pat
     store, trained, tok = inputs
     target = copy_inputs(store, tmp_path, [trained, tok])
     manifest = dpo.STAGE.run(config(), [trained, tok], target)
-    assert any(f.path == dpo.REFERENCE_FILE for f in manifest.files), "the default reference is precomputed"
+    assert any(f.path == objectives.REFERENCE_FILE for f in manifest.files), "the default reference is precomputed"
     rows = metrics(target, manifest)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5), "policy = reference at the first step"
     assert rows[0]["reward_margin"] == pytest.approx(0.0, abs=1e-4)

@@ -15,11 +15,12 @@ import pytest
 from pydoc_data.topics import topics
 
 from model import pretrain
+from model.model import ModelShape
 from pipelines import pack, tokenizer
 from pipelines.common import shard_name
 from storage import ArtifactStore, ConfigError, InputError
 
-MODEL = pretrain.ModelSettings(n_layer=2, n_head=4, n_kv_head=2, d_model=64)
+MODEL = ModelShape(n_layer=2, n_head=4, n_kv_head=2, d_model=64)
 
 
 def documents_artifact(store: ArtifactStore):

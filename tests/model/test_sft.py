@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from model import sft
+from model import instruction_data, sft
+from model.data import IndexLoader
 from model.chat_format import ChatFormat
 from model.checkpoint import save_checkpoint
 from model.model import ModelConfig, Transformer
-from model.train import TrainConfig
+from model.run_spec import TrainConfig
 from storage import ArtifactStore, InputError
 from tests.model.test_chat_format import tokenizer_artifact
 from tests.model.test_pretrain import copy_inputs, losses, next_staging, step_logged
@@ -75,7 +76,7 @@ def test_alpaca_and_messages_entries_become_conversations(tmp_path):
     write_lines(tmp_path / "b.jsonl", [json.dumps(e) for e in alpaca[:1]] + [json.dumps({"messages": [
         {"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello"},
         {"role": "assistant", "content": "Hello to you."}]})])
-    entries, bad = sft.read_entries(sft.data_files(str(tmp_path)), sft.sft_conversation, "error")
+    entries, bad = instruction_data.read_entries(instruction_data.data_files(str(tmp_path)), sft.sft_conversation, "error")
     assert bad == []
     assert entries[0] == [{"role": "user", "content": "Add the numbers.\n\n2 and 3"},
                           {"role": "assistant", "content": "5"}]
@@ -88,7 +89,7 @@ def test_real_instruction_file_reads_whole():
     path = INSTRUCT / "rasbt_ch07_instruction-data.json"
     if not path.is_file():
         pytest.skip(f"{path} is absent")
-    entries, bad = sft.read_entries([path], sft.sft_conversation, "error")
+    entries, bad = instruction_data.read_entries([path], sft.sft_conversation, "error")
     assert len(entries) == 1100 and bad == []
 
 
@@ -108,7 +109,7 @@ MALFORMED = [
 def test_malformed_lines_are_reported_with_file_and_line_and_skipped(tmp_path, caplog):
     path = write_lines(tmp_path / "data.jsonl", MALFORMED)
     with caplog.at_level(logging.WARNING, logger="kiln"):
-        entries, bad = sft.read_entries([path], sft.sft_conversation, "skip")
+        entries, bad = instruction_data.read_entries([path], sft.sft_conversation, "skip")
     assert len(entries) == 2
     assert bad == [f"{path}:2: not valid JSON (Expecting value, column 37)",
                    f"{path}:3: missing field 'output'",
@@ -122,29 +123,29 @@ def test_malformed_lines_are_reported_with_file_and_line_and_skipped(tmp_path, c
 def test_malformed_lines_are_errors_when_asked(tmp_path):
     path = write_lines(tmp_path / "data.jsonl", MALFORMED)
     with pytest.raises(InputError, match=re.escape(f"{path}:2: not valid JSON")):
-        sft.read_entries([path], sft.sft_conversation, "error")
+        instruction_data.read_entries([path], sft.sft_conversation, "error")
 
 
 def test_entries_of_a_json_list_are_reported_at_their_own_line(tmp_path):
     path = tmp_path / "data.json"
     path.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a"},\n\n  {"output": 3,\n'
                     '   "instruction": "c"}\n]\n')
-    entries, bad = sft.read_entries([path], sft.sft_conversation, "skip")
+    entries, bad = instruction_data.read_entries([path], sft.sft_conversation, "skip")
     assert len(entries) == 1
     assert bad == [f"{path}:3: missing field 'output'", f"{path}:5: field 'output' must be a string, got int"]
     path.write_text('[\n  {"instruction": "a", "output": "b"}\n  {"instruction": "c", "output": "d"}\n]')
     with pytest.raises(InputError, match=re.escape(f"{path}:3: not valid JSON (expected ',' or ']'")):
-        sft.read_entries([path], sft.sft_conversation, "skip")
+        instruction_data.read_entries([path], sft.sft_conversation, "skip")
 
 
 def test_the_held_out_split_is_a_stable_hash_of_the_prompt():
     prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(2000)]
-    train, val = sft.split_holdout(list(range(2000)), prompts, 0.1)
+    train, val = instruction_data.split_holdout(list(range(2000)), prompts, 0.1)
     assert 150 < len(val) < 250 and len(train) + len(val) == 2000
     order = np.random.default_rng(0).permutation(2000).tolist()
-    _, val_shuffled = sft.split_holdout(order, [prompts[i] for i in order], 0.1)
+    _, val_shuffled = instruction_data.split_holdout(order, [prompts[i] for i in order], 0.1)
     assert sorted(val_shuffled) == val, "an entry's split does not depend on the others"
-    assert sft.split_holdout([1, 2], prompts[:2], 1e-9)[1] != [], "something is always held out"
+    assert instruction_data.split_holdout([1, 2], prompts[:2], 1e-9)[1] != [], "something is always held out"
 
 
 # ------------------------------------------------------------------ rows
@@ -161,7 +162,7 @@ def test_conversations_are_packed_into_rows_with_their_mask(chat):
     assert (tokens == chat.bos_id).sum() == len(encoded), "each conversation kept once, led by BOS"
     assert mask.sum() == sum(sum(e.mask) for e in encoded)
     assert not mask[tokens == chat.pad_id].any()
-    inputs, targets = sft.row_batch(tokens, mask)
+    inputs, targets = instruction_data.row_batch(tokens, mask)
     assert inputs.shape == targets.shape == (len(tokens), 64)
     trained = targets[targets != -100]
     assert trained.numel() == mask.sum() and (trained == chat.end_id).sum() == len(encoded)
@@ -172,28 +173,28 @@ def test_conversations_are_packed_into_rows_with_their_mask(chat):
 
 
 def test_index_loader_resumes_at_the_next_batch_and_ranks_are_disjoint():
-    loader = sft.IndexLoader(10, batch_size=4, seed=3)
+    loader = IndexLoader(10, batch_size=4, seed=3)
     stream = iter(loader)
     first = [next(stream).tolist() for _ in range(5)]
     assert sorted(sum(first[:2], []) + first[2][:2]) == list(range(10)), "an epoch covers every example once"
-    resumed = sft.IndexLoader(10, batch_size=4, seed=3)
+    resumed = IndexLoader(10, batch_size=4, seed=3)
     resumed.load_state_dict({"taken": 3})
     assert next(iter(resumed)).tolist() == first[3]
-    ranks = [sft.IndexLoader(10, batch_size=2, seed=3, rank=r, world_size=2) for r in range(2)]
+    ranks = [IndexLoader(10, batch_size=2, seed=3, rank=r, world_size=2) for r in range(2)]
     assert sorted(ranks[0].batch(0).tolist() + ranks[1].batch(0).tolist()) == sorted(first[0])
 
 
 def test_default_data_comes_from_the_standard_library_docs(tmp_path):
     import inspect
 
-    instructions = sft.default_data("sft", tmp_path / "sft.jsonl")
-    entries, bad = sft.read_entries([instructions], sft.sft_conversation, "error")
+    instructions = instruction_data.default_data("sft", tmp_path / "sft.jsonl")
+    entries, bad = instruction_data.read_entries([instructions], sft.sft_conversation, "error")
     assert len(entries) > 2000 and bad == []
     answers = {c[0]["content"]: c[1]["content"] for c in entries}
     question = next(q for q in answers if re.fullmatch(r".*`json\.loads`.*", q) and "signature" not in q
                     and "call" not in q)
     assert answers[question] == " ".join(inspect.getdoc(json.loads).split("\n\n")[0].split()).replace("``", "`")
-    assert sft.default_data("sft", tmp_path / "again.jsonl").read_bytes() == instructions.read_bytes()
+    assert instruction_data.default_data("sft", tmp_path / "again.jsonl").read_bytes() == instructions.read_bytes()
 
 
 # ------------------------------------------------------------------ the stage

@@ -24,8 +24,11 @@ from warcio.warcwriter import WARCWriter
 
 import pipelines.ingest as ingest_module
 from pipelines.common import InputError, TransientError, document_shards, read_shard
-from pipelines.ingest import (SCHEMA, STAGE, IngestConfig, _RawReader, charset_codecs, decode_payload, decode_text,
-                              empty_counts, parse_warc_date, read_documents)
+from pipelines.charset import charset_codecs, decode_text
+from pipelines.ingest import STAGE, IngestConfig
+from pipelines.ingest.payload import decode_payload
+from pipelines.ingest.records import SCHEMA, empty_counts, parse_warc_date
+from pipelines.ingest.warc import RawReader, read_documents
 from storage import ArtifactStore
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "warc"
@@ -52,7 +55,7 @@ def rows(store, manifest):
 def read_counts(path, **settings):
     counts = empty_counts()
     with open(path, "rb") as handle:
-        documents = list(read_documents(_RawReader(handle, str(path)), str(path), IngestConfig(**settings), counts))
+        documents = list(read_documents(RawReader(handle, str(path)), str(path), IngestConfig(**settings), counts))
     return documents, counts
 
 

@@ -1,4 +1,4 @@
-"""Tests for pipelines/minhash.py on real text (stdlib documentation, Shakespeare when present).
+"""Tests for pipelines/minhash/ on real text (stdlib documentation, Shakespeare when present).
 
 Documents are ~300-word windows of real prose; near-duplicates and partial overlaps are planted
 and their true word-5-gram Jaccard is computed exactly with Python sets of the reference

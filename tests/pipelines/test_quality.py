@@ -14,7 +14,8 @@ from datatrove.utils.word_tokenizers import WordTokenizer
 from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
 from pipelines import quality
-from pipelines.clean import ENGLISH_WORDS, extract
+from pipelines.extract import extract
+from pipelines.words import ENGLISH_WORDS
 
 AEB = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "html_extraction" / "scrapinghub_aeb"
 WORDS = ENGLISH_WORDS["fast"]

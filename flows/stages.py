@@ -1,0 +1,96 @@
+"""The stage table: every stage once, in chain order.
+
+The `kiln` commands (flows/cli.py), the pipeline flow (flows/pipeline.py), the deployments
+(flows/deployments.py) and the run config `KilnConfig` (flows/config.py) are all derived from
+it. A new stage is one file in `pipelines/` or `model/` that defines its `STAGE` (config class
+and build function, see storage/stage.py), plus one line here naming the stages it reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from model import dpo, evaluate, pretrain, sft
+from pipelines import clean, dedup, ingest, pack, sample_crawl, tokenizer
+from storage import ArtifactStore, Manifest, Stage
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    """One line of the table: a stage, the stages whose artifacts it reads, its help text."""
+
+    stage: Stage
+    inputs: tuple[str, ...]
+    help: str
+    command: bool = True  # a `kiln <name>` command and a deployment of its own
+    # skipped in a run whose config says so (the sample crawl, when crawl files are given)
+    skip_if: Callable[[Any], bool] | None = None
+    # artifacts read beyond `inputs`, named by the stage's own config (dedup.against)
+    extra_inputs: Callable[[Any, ArtifactStore], list[Manifest]] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+    @property
+    def section(self) -> str:
+        """The stage's section of the run config: `sample_crawl` for `sample-crawl`."""
+        return self.name.replace("-", "_")
+
+    @property
+    def trains_a_model(self) -> bool:
+        return "launch" in self.stage.config_cls.model_fields
+
+
+TABLE: tuple[StageEntry, ...] = (
+    StageEntry(sample_crawl.STAGE, (), "The offline sample crawl (Python's documentation as WARC).",
+               command=False, skip_if=lambda config: bool(config.ingest.inputs)),
+    StageEntry(ingest.STAGE, ("sample-crawl",), "Read WARC files into Parquet document shards."),
+    StageEntry(clean.STAGE, ("ingest",), "Extract main text and apply the quality filters (runs ingest first if needed)."),
+    StageEntry(dedup.STAGE, ("clean",), "Exact and MinHash near-duplicate removal (runs ingest and clean first if needed).",
+               extra_inputs=dedup.earlier_corpus),
+    StageEntry(tokenizer.STAGE, ("dedup",), "Train the byte-level BPE tokenizer on the deduplicated corpus."),
+    StageEntry(pack.STAGE, ("dedup", "tokenizer"), "Tokenize and pack the corpus into Parquet token shards (train/ and val/)."),
+    StageEntry(pretrain.STAGE, ("pack", "tokenizer"), "Pretrain the transformer under accelerate on the token shards."),
+    StageEntry(sft.STAGE, ("pretrain", "tokenizer"), "Supervised fine-tuning on instruction data (offline default: Q&A from the stdlib docs)."),
+    StageEntry(dpo.STAGE, ("sft", "tokenizer"), "Preference tuning (DPO or IPO) of the SFT model."),
+    StageEntry(evaluate.STAGE, ("dpo", "pack", "tokenizer"), "Held-out loss, perplexity, bits per byte and multiple-choice accuracy."),
+)
+STAGES: dict[str, StageEntry] = {entry.name: entry for entry in TABLE}
+
+# Commands that run a chain: name -> (its last stage, help). `--force` rebuilds every stage of it.
+CHAINS: dict[str, tuple[str, str]] = {
+    "corpus": ("dedup", "The corpus chain: ingest -> clean -> dedup."),
+    "data": ("pack", "The data chain: corpus -> tokenizer -> pack."),
+    "run": (TABLE[-1].name, "The whole pipeline on the run config: crawl to evaluated model, with a sample."),
+}
+
+
+def chain(until: str) -> list[StageEntry]:
+    """The stages `until` needs (its inputs, theirs, ...) and itself, in table order."""
+    if until not in STAGES:
+        raise KeyError(f"no stage {until!r} (stages: {', '.join(STAGES)})")
+    needed, pending = set(), [until]
+    while pending:
+        name = pending.pop()
+        if name not in needed:
+            needed.add(name)
+            pending += STAGES[name].inputs
+    return [entry for entry in TABLE if entry.name in needed]
+
+
+def model_stages() -> tuple[str, ...]:
+    """The stages whose artifacts hold a trained model (`model/`)."""
+    return tuple(entry.name for entry in TABLE if entry.trains_a_model)
+
+
+def _check_table() -> None:
+    for position, entry in enumerate(TABLE):
+        earlier = {e.name for e in TABLE[:position]}
+        missing = [name for name in entry.inputs if name not in earlier]
+        assert not missing, f"stage {entry.name} reads {missing}, which do not come before it in the table"
+
+
+_check_table()

@@ -1,0 +1,91 @@
+"""The stage table is the one list of stages: a new stage is one module and its line in the table,
+and the CLI, the run config, the pipeline and the deployments pick it up."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.stages import CHAINS, STAGES, TABLE, chain
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TOY_STAGE = '''"""A toy stage: counts the words of its setting."""
+
+from pydantic import Field
+
+from pipelines.common import Stage, StageConfig
+
+
+class ToyConfig(StageConfig):
+    text: str = Field("one two three", description="Words to count.")
+
+
+def build_toy(config, inputs, store, writer):
+    words = len(config.text.split())
+    writer.write_json("count.json", {"words": words})
+    return {"words": words}
+
+
+STAGE = Stage("toy", ToyConfig, build_toy)
+'''
+
+
+def test_the_chain_of_a_stage_is_what_it_reads():
+    assert [e.name for e in chain("tokenizer")] == ["sample-crawl", "ingest", "clean", "dedup", "tokenizer"]
+    assert [e.name for e in chain("evaluate")] == [e.name for e in TABLE], "evaluate needs every stage"
+    assert CHAINS["run"][0] == TABLE[-1].name and set(STAGES) == {e.name for e in TABLE}
+    with pytest.raises(KeyError, match="no stage 'nope'"):
+        chain("nope")
+
+
+@pytest.fixture
+def checkout_with_a_toy_stage(tmp_path):
+    """A copy of Kiln's packages with pipelines/toy.py and its line (and import) in the table."""
+    copy = tmp_path / "kiln"
+    for package in ("pipelines", "model", "flows", "storage", "configs"):
+        shutil.copytree(ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "pipelines" / "toy.py").write_text(TOY_STAGE)
+    table = copy / "flows" / "stages.py"
+    before = table.read_text().splitlines()
+    text = table.read_text()
+    text = text.replace("from pipelines import clean,", "from pipelines import toy, clean,", 1)
+    last = next(line for line in before if line.strip().startswith("StageEntry(evaluate.STAGE"))
+    text = text.replace(last, last + '\n    StageEntry(toy.STAGE, (), "Count the words of toy.text."),', 1)
+    table.write_text(text)
+    after = text.splitlines()
+    changed = [line for line in after if line not in before]
+    assert len(changed) == 2 and len(after) == len(before) + 1, changed  # the import, and the table line
+    return copy
+
+
+@pytest.mark.slow
+def test_a_new_stage_is_one_module_and_one_line(checkout_with_a_toy_stage, tmp_path):
+    copy = checkout_with_a_toy_stage
+    env = {**os.environ, "PYTHONPATH": str(copy), "COLUMNS": "200", "KILN_NO_PROGRESS": "1"}
+    env.pop("PREFECT_API_URL", None)  # the command starts its own temporary server
+
+    def run(*args: str) -> str:
+        done = subprocess.run([sys.executable, *args], cwd=copy, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    assert re.search(r"toy\s+Count the words of toy\.text\.", run("-m", "flows.cli", "--help")), "a command"
+    probe = run("-c", "from flows.config import load_config; from flows.deployments import build_deployments\n"
+                      "c = load_config(None, ['toy.text=a b c d'])\n"
+                      "print(type(c.toy).__name__, repr(c.toy.text))\n"
+                      "print([d.name for d in build_deployments('/tmp/unused', 'tiny', [], '0 3 * * *')])")
+    assert "ToyConfig 'a b c d'" in probe, "a section of the run config, with --set"
+    assert "'kiln-toy'" in probe, "a deployment whose form is its config"
+
+    data = tmp_path / "data"
+    output = run("-m", "flows.cli", "toy", "--data-dir", str(data), "--set", "toy.text=a b c d")
+    assert re.search(r"│ toy\s+│ built", output), output
+    (artifact,) = (data / "toy").glob("*/count.json")
+    assert json.loads(artifact.read_text()) == {"words": 4}
+    assert not (data / "ingest").exists(), "only the stages the toy stage reads run (none)"
