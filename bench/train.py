@@ -37,7 +37,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,7 +195,7 @@ def bench_training(shape: str, args) -> dict:
 
 
 def bench_decoding(shape: str, args) -> dict:
-    config = replace(SHAPES[shape], init_std=0.3)  # large weights: varied greedy choices
+    config = SHAPES[shape].model_copy(update={"init_std": 0.3})  # large weights: varied greedy choices
     torch.manual_seed(0)
     ours = Transformer(config).eval()
     with tempfile.TemporaryDirectory() as tmp:

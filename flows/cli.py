@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from flows.stages import CHAINS, TABLE, chain, model_stages
-from storage import ArtifactStore, KilnError, StorageError, default_root
+from storage import ArtifactStore, KilnError, StorageError, default_root, os_error_line
 
 app = typer.Typer(
     name="kiln", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -50,6 +50,7 @@ def _stage_command(command: str, until: str, help_text: str, whole_chain: bool):
         expand_inputs(cfg.ingest)  # a missing path or empty glob fails here, before Prefect starts
         forced = [e.name for e in chain(until) if force and (whole_chain or e.name == command)]
         store_dir = data_dir or default_root()
+        ArtifactStore(store_dir).check_usable()  # a file, or a read-only directory: one line, now
         with prefect_api() as ui:
             state = pipeline_flow(config=cfg, data_dir=store_dir, until=until, force=forced, return_state=True)
             runs = state.result()
@@ -214,7 +215,8 @@ def lineage(
     from flows.summary import print_lineage
 
     store = ArtifactStore(data_dir or default_root())
-    tree = store.lineage(_fingerprint_of(artifact))
+    store.check_usable(writable=False)
+    tree = store.lineage(_artifact_in(store, artifact))
     if as_json:
         print(json.dumps(tree, indent=2))
     else:
@@ -229,13 +231,42 @@ def _fingerprint_of(artifact: str) -> str:
     return artifact
 
 
+def _artifact_in(store: ArtifactStore, artifact: str) -> str:
+    """The fingerprint an argument names: a fingerprint (prefix), or a path inside the store."""
+    if store.is_local and ("/" in artifact or Path(artifact).exists()):
+        path, root = Path(artifact).resolve(), Path(store.root)
+        if not path.is_relative_to(root):
+            raise KilnError(f"{artifact}: not inside the data directory {root}")
+    return _fingerprint_of(artifact)
+
+
 @app.command("ls")
 def list_artifacts(data_dir: DataDirOpt = None, stage: Annotated[Optional[str], typer.Option(help="Only this stage.")] = None) -> None:
     """List the committed artifacts in the store."""
     from flows.summary import print_artifacts
 
     store = ArtifactStore(data_dir or default_root())
+    store.check_usable(writable=False)
     print_artifacts(Console(), store.list(stage))
+
+
+@app.command()
+def verify(data_dir: DataDirOpt = None,
+           stage: Annotated[Optional[str], typer.Option(help="Only this stage.")] = None) -> None:
+    """Hash every file of the committed artifacts against their manifests (damage below the file
+    system, which a rerun's stat check cannot see)."""
+    store = ArtifactStore(data_dir or default_root())
+    store.check_usable(writable=False)
+    manifests = store.list(stage)
+    damaged = []
+    for manifest in manifests:
+        for problem in store.problems(manifest, "sha256"):
+            damaged.append(f"{manifest.stage}/{manifest.short}/{problem}")
+            console.print(f"damaged: {manifest.stage}/{manifest.fingerprint}/{problem}", highlight=False)
+    if damaged:
+        raise KilnError(f"{len(damaged)} damaged file(s), first {damaged[0]}; rerun the command that built "
+                        "them: a damaged artifact is rebuilt")
+    console.print(f"{len(manifests)} artifacts, {sum(len(m.files) for m in manifests)} files: all match their manifests")
 
 
 class _WithoutUserErrorTracebacks(logging.Formatter):
@@ -258,6 +289,32 @@ class _WithoutUserErrorTracebacks(logging.Formatter):
             record.exc_info, record.exc_text = saved
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    return (KilnError, StorageError, OSError)
+
+
+def _class_names(kinds: tuple[type, ...]) -> set[str]:
+    names, pending = set(), list(kinds)
+    while pending:
+        kind = pending.pop()
+        names.add(kind.__name__)
+        pending += kind.__subclasses__()
+    return names
+
+
+class _UserErrorsOnce(logging.Filter):
+    """A user error reaches the terminal once, as `kiln: error:` last (see main); Prefect's own
+    lines about it (the task failed, the flow failed, twice) stay in the run log, not here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], _user_errors()):
+            return False
+        if record.levelno < logging.INFO or not record.name.startswith("prefect."):
+            return True
+        message = record.getMessage()
+        return not any(f"{name}:" in message or f"{name}(" in message for name in _class_names(_user_errors()))
+
+
 def _quiet_prefect_tracebacks() -> None:
     from prefect.logging.configuration import setup_logging
     from prefect.logging.handlers import PrefectConsoleHandler
@@ -269,6 +326,7 @@ def _quiet_prefect_tracebacks() -> None:
         for handler in getattr(logger, "handlers", []):
             if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _WithoutUserErrorTracebacks):
                 handler.setFormatter(_WithoutUserErrorTracebacks(handler.formatter))
+                handler.addFilter(_UserErrorsOnce())
 
 
 def _log_to_terminal() -> None:
@@ -282,18 +340,39 @@ def _log_to_terminal() -> None:
     kiln_log.propagate = False
 
 
+def _fail(message: str) -> None:
+    """Print the one error line last: after Prefect's temporary server has said it stopped."""
+    try:
+        from prefect.settings import get_current_settings
+
+        if get_current_settings().api.url is None and "prefect.server.api.server" in sys.modules:
+            # the command ran on a temporary server of its own: stop it now, not at exit
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+            from prefect.server.api.server import SubprocessASGIServer
+
+            APILogWorker.drain_all(timeout=10)  # what the run logged reaches its server first
+            EventsWorker.drain_all(timeout=10)
+            for server in list(SubprocessASGIServer._instances.values()):
+                server.stop()
+    except Exception:  # noqa: BLE001 - an older or newer Prefect: its line may come after ours
+        pass
+    console.print(f"[bold red]kiln: error:[/] {message}", highlight=False, soft_wrap=True)
+    sys.exit(2)
+
+
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit status 2."""
+    """Entry point: user errors become one line on stderr, printed last, and exit status 2."""
     _log_to_terminal()
     _quiet_prefect_tracebacks()
     try:
         app()
     except (KilnError, StorageError) as err:
-        console.print(f"[bold red]kiln: error:[/] {err}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(str(err))
     except ValidationError as err:
-        console.print(f"[bold red]kiln: error:[/] invalid setting: {err.errors()[0]['msg']}", highlight=False)
-        sys.exit(2)
+        _fail(f"invalid setting: {err.errors()[0]['msg']}")
+    except OSError as err:
+        _fail(os_error_line(err))
     except KeyboardInterrupt:
         console.print("kiln: interrupted")
         sys.exit(130)

@@ -54,10 +54,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _first_error(err: ValidationError, source: str) -> str:
+def _first_error(err: ValidationError, source: str, overrides: list[str]) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    reason = "unknown setting" if first["type"] == "extra_forbidden" else first["msg"]
+    reason = "unknown setting" if first["type"] == "extra_forbidden" else first["msg"].lower()
+    for item in overrides:  # a bad --set is named as the user wrote it
+        key = item.partition("=")[0].strip()
+        if where == key or where.startswith(key + "."):
+            return f"--set {item}: {reason}"
     return f"{source}: {where}: {reason}"
 
 
@@ -72,6 +76,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = yaml.safe_load(source.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{source}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{source}: a directory, not a config file") from None
+    except OSError as err:
+        raise ConfigError(f"{source}: cannot be read ({(err.strerror or str(err)).lower()})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not a text file") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -80,4 +90,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return KilnConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_first_error(err, str(source))) from None
+        raise ConfigError(_first_error(err, str(source), overrides or [])) from None

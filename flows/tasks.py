@@ -3,9 +3,11 @@
 The task's inputs are small: the stage's pydantic config, the input manifests and the data
 root; its result is the output manifest as JSON, never the data. The cache key is the
 fingerprint of the artifact the task would build. Before each call the flow checks that
-artifact: when it is missing or fails verification, the call refreshes the cache (runs and
-records anew) instead of answering from it, so a deleted artifact is rebuilt, never a stale
-hit; the first run records its result under the key, so the second run is a cache hit.
+artifact, and the result record cached under the key: when the artifact is missing or fails
+verification, or the record is not plain JSON, the call refreshes the cache (runs and records
+anew) instead of answering from it, so a deleted artifact is rebuilt, never a stale hit, and no
+record is ever unpickled; the first run records its result under the key, so the second run is
+a cache hit.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from prefect.cache_policies import CachePolicy
 from prefect.tasks import exponential_backoff
 
 from flows.reports import publish
-from storage import ArtifactStore, KilnError, Manifest, Stage, StageConfig, StorageError
+from flows.results import SERIALIZER, safe_to_read
+from storage import PERMANENT_OS_ERRORS, ArtifactStore, KilnError, Manifest, Stage, StageConfig, StorageError
 
 RETRIES = 3
 log = logging.getLogger("kiln")
@@ -51,9 +54,12 @@ def cache_key(stage: Stage, fp: str, data_dir: str) -> str:
     return f"kiln-{stage.name}-{fp}-{root}"
 
 
-def artifact_is_intact(stage_name: str, config: StageConfig, inputs: list[Manifest], data_dir: str) -> bool:
-    fp = _stage(stage_name).fingerprint(config, inputs)
-    return ArtifactStore(data_dir).get(stage_name, fp) is not None
+def cache_is_usable(stage_name: str, config: StageConfig, inputs: list[Manifest], data_dir: str) -> bool:
+    """Whether Prefect may answer the task from its cache: the artifact is committed and intact,
+    and the result record under the key is plain JSON (flows/results.py)."""
+    stage = _stage(stage_name)
+    fp = stage.fingerprint(config, inputs)
+    return ArtifactStore(data_dir).get(stage_name, fp) is not None and safe_to_read(cache_key(stage, fp, data_dir))
 
 
 def should_retry(task, task_run, state) -> bool:
@@ -61,13 +67,15 @@ def should_retry(task, task_run, state) -> bool:
     error = state.result(raise_on_failure=False)
     if isinstance(error, KilnError):
         return error.retriable
+    if isinstance(error, OSError) and error.errno in PERMANENT_OS_ERRORS:
+        return False  # permissions, a full or read-only disk, a path that is not a directory
     return not isinstance(error, (StorageError, ValueError, TypeError, KeyError, AttributeError))
 
 
 @task(
     cache_policy=ArtifactFingerprint(),
     persist_result=True,
-    result_serializer="json",
+    result_serializer=SERIALIZER,
     retries=RETRIES,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_jitter_factor=0.5,
@@ -154,7 +162,7 @@ def run_stage(stage_name: str, config: StageConfig, inputs: list[Manifest], data
     had already committed.
     """
     started = time.perf_counter()
-    refresh = force or not artifact_is_intact(stage_name, config, inputs, data_dir)
+    refresh = force or not cache_is_usable(stage_name, config, inputs, data_dir)
     state = stage_task.with_options(name=stage_name, task_run_name=stage_name, refresh_cache=refresh)(
         stage_name, config, inputs, data_dir, force, return_state=True,
     )

@@ -1,6 +1,8 @@
 """Checkpoints on disk, nothing pickled: a model is `model.safetensors` + `config.json` + the
-tokenizer files; a training checkpoint (`checkpoints/step-NNNNNNNN/`) adds the optimizer's
-tensors, every rank's RNG state and `training_state.json` (step, loader positions).
+tokenizer files; a training checkpoint (`checkpoints/step-NNNNNNNN/`) holds the model's and the
+optimizer's state sharded as the ranks hold it (torch.distributed.checkpoint writing
+safetensors, one file per rank; read back with resharding), every rank's RNG state and
+`training_state.json` (step, loader positions).
 
 A checkpoint directory is written under a temporary name and renamed into place
 (storage.atomic_dir), so a reader never sees half of one. `load_checkpoint` turns every way a
@@ -21,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.model import ModelConfig, Transformer
-from storage import TEMP_MARK, InputError, atomic_dir, atomic_write_bytes
+from storage import TEMP_MARK, InputError, atomic_dir, atomic_write_bytes, finish_dir
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -33,22 +35,24 @@ class CheckpointError(InputError):
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights to save: unwrapped, contiguous, tied weights stored once."""
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-    if getattr(model, "config", None) is not None and model.config.tie_embeddings:
-        state.pop("head.weight", None)
-    return state
+    """The weights of a plain (unsharded) model to save: contiguous, on the CPU."""
+    return {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
 
 
-def save_checkpoint(directory: Path, model: torch.nn.Module, config: ModelConfig,
+def save_checkpoint(directory: Path, model: torch.nn.Module | dict[str, torch.Tensor], config: ModelConfig,
                     tokenizer_dir: Path | None = None, extra: dict | None = None) -> None:
-    atomic_dir(directory, lambda temp: write_model(temp, model, config, tokenizer_dir, extra))
+    """A model directory, written atomically, from a model or from its full state dict."""
+    state = model if isinstance(model, dict) else model_state(model)
+    atomic_dir(directory, lambda temp: write_model(temp, state, config, tokenizer_dir, extra))
 
 
-def write_model(directory: Path, model: torch.nn.Module, config: ModelConfig, tokenizer_dir: Path | None = None,
-                extra: dict | None = None) -> None:
-    """The model's files into an existing directory (one being filled atomically)."""
-    save_file(model_state(model), str(directory / WEIGHTS), metadata={"format": "pt"})
+def write_model(directory: Path, state: dict[str, torch.Tensor], config: ModelConfig,
+                tokenizer_dir: Path | None = None, extra: dict | None = None) -> None:
+    """The model's files into an existing directory (one being filled atomically); tied weights
+    are stored once."""
+    if config.tie_embeddings:
+        state = {name: tensor for name, tensor in state.items() if name != "head.weight"}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / WEIGHTS), metadata={"format": "pt"})
     (directory / CONFIG).write_text(json.dumps({"model": config.to_dict(), **(extra or {})}, indent=2))
     for name in TOKENIZER_FILES:
         if tokenizer_dir is not None and (Path(tokenizer_dir) / name).exists():
@@ -99,43 +103,16 @@ def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> tupl
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TRAINING_STATE = "training_state.json"
-OPTIMIZER = "optimizer.safetensors"
+SHARDS = "state"  # the model's and the optimizer's tensors, one safetensors file per rank
 
 
 def rng_file(rank: int) -> str:
     return f"rng-rank{rank}.safetensors"
 
 
-def rank_state_dir(out_dir: Path, step: int) -> Path:
-    """Where every rank leaves its RNG tensors for the checkpoint of `step` (temporary: rank 0
-    copies them into the checkpoint, then removes it; a kill leaves a leftover marked as such)."""
-    return Path(out_dir) / CHECKPOINTS / f".rng-step-{step:08d}{TEMP_MARK}ranks"
-
-
 def latest_checkpoint(out_dir: Path) -> Path | None:
     steps = sorted(p for p in (Path(out_dir) / CHECKPOINTS).glob("step-*") if STEP_DIR.match(p.name))
     return steps[-1] if steps else None
-
-
-def optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state_dict into tensors (for safetensors) and JSON-able rest."""
-    tensors, scalars = {}, {}
-    for param_id, values in state["state"].items():
-        for key, value in values.items():
-            name = f"state.{param_id}.{key}"
-            if torch.is_tensor(value):
-                tensors[name] = value.detach().contiguous().cpu()
-            else:
-                scalars[name] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for name, value in [*tensors.items(), *meta["scalars"].items()]:
-        _, param_id, key = name.split(".", 2)
-        state.setdefault(int(param_id), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -161,41 +138,97 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_training_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, config: ModelConfig,
-                             tokenizer_dir: Path | None, optimizer: dict, loaders: dict, rngs: dict,
-                             keep: int) -> Path:
-    """Write `checkpoints/step-NNNNNNNN/` (the model, the optimizer state, every rank's RNG state
-    from `rank_state_dir`, the loader positions) and keep only the last `keep` of them."""
-    tensors, meta = optimizer_tensors(optimizer)
-    ranks = rank_state_dir(out_dir, step)
-    target = Path(out_dir) / CHECKPOINTS / f"step-{step:08d}"
+def _tensors_of(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The model's and the optimizer's state as one flat dict of tensors (DTensor shards under
+    FSDP2) for torch.distributed.checkpoint, and the optimizer's other values, JSON-able."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    def fill(temp: Path) -> None:
-        write_model(temp, model, config, tokenizer_dir)
-        save_file(tensors, str(temp / OPTIMIZER))
-        for path in ranks.iterdir():
-            shutil.copyfile(path, temp / path.name)
-        (temp / TRAINING_STATE).write_text(json.dumps({"step": step, "optimizer": meta, "loaders": loaders,
-                                                       "rng": rngs}))
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # creates Adam's moments if not there yet
+    if model.config.tie_embeddings:
+        model_state.pop("head.weight", None)  # the embedding's own tensor: stored once
+    tensors = {f"model.{name}": tensor for name, tensor in model_state.items()}
+    scalars = {}
+    for fqn, values in optimizer_state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{fqn}.{key}"] = value
+            else:
+                scalars[f"{fqn}.{key}"] = value
+    return tensors, {"param_groups": optimizer_state["param_groups"], "scalars": scalars}
 
-    atomic_dir(target, fill)
-    shutil.rmtree(ranks, ignore_errors=True)
-    for old in sorted(p for p in target.parent.glob("step-*") if STEP_DIR.match(p.name))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+
+def save_training_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                             run, loaders: list, keep: int) -> Path:
+    """`checkpoints/step-NNNNNNNN/`: every rank writes its shard of the model and optimizer state
+    (torch.distributed.checkpoint, as safetensors: no pickle) and its RNG state; rank 0 adds
+    `training_state.json` (step, optimizer settings, every rank's loader position and Python /
+    numpy RNG) and puts the directory in place. The last `keep` checkpoints are kept.
+    All ranks call this."""
+    from torch.distributed.checkpoint import save
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
+
+    checkpoints = Path(out_dir) / CHECKPOINTS
+    target = checkpoints / f"step-{step:08d}"
+    temp = checkpoints / f".step-{step:08d}{TEMP_MARK}ranks"  # one name all ranks agree on
+    if run.is_main:
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir(parents=True)
+    run.barrier()
+    tensors, optimizer_meta = _tensors_of(model, optimizer)
+    save(tensors, storage_writer=HuggingFaceStorageWriter(str(temp / SHARDS), save_distributed=True))
+    rng_tensors, rng_meta = rng_state()
+    save_file(rng_tensors, str(temp / rng_file(run.rank)))
+    rngs = run.gather_json(rng_meta)
+    run.barrier()
+    if run.is_main:
+        (temp / TRAINING_STATE).write_text(json.dumps({
+            "step": step, "world_size": run.world, "optimizer": optimizer_meta,
+            "loaders": {str(i): state for i, state in enumerate(loaders)},
+            "rng": {str(i): state for i, state in enumerate(rngs)},
+        }))
+        finish_dir(temp, target)
+        for old in sorted(p for p in checkpoints.glob("step-*") if STEP_DIR.match(p.name))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    run.barrier()
     return target
 
 
-def load_training_checkpoint(checkpoint: Path, rank: int) -> dict:
-    """What a rank resumes from: {step, model, optimizer, rng_tensors, rng, loader}."""
+def load_training_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                             run) -> dict:
+    """Restore the model's and the optimizer's state (each rank reads its shard) and this rank's
+    RNG; returns {step, loader} for this rank. All ranks call this."""
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
     state = json.loads((checkpoint / TRAINING_STATE).read_text())
-    return {
-        "step": state["step"],
-        "model": load_file(str(checkpoint / WEIGHTS)),
-        "optimizer": optimizer_state(load_file(str(checkpoint / OPTIMIZER)), state["optimizer"]),
-        "rng_tensors": load_file(str(checkpoint / rng_file(rank))),
-        "rng": state["rng"][str(rank)],
-        "loader": state["loaders"][str(rank)],
-    }
+    if state.get("world_size", run.world) != run.world:
+        raise CheckpointError(f"{checkpoint}: written by {state['world_size']} ranks; resume it with as many "
+                              f"(this run has {run.world})")
+    tensors, _ = _tensors_of(model, optimizer)
+    load(tensors, storage_reader=HuggingFaceStorageReader(str(checkpoint / SHARDS)))
+    model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    optimizer_state: dict[str, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            fqn, key = name.removeprefix("optim.").rsplit(".", 1)
+            optimizer_state.setdefault(fqn, {})[key] = value
+    for name, value in state["optimizer"]["scalars"].items():
+        fqn, key = name.rsplit(".", 1)
+        optimizer_state.setdefault(fqn, {})[key] = value
+    set_state_dict(model, optimizer, model_state_dict=model_state,
+                   optim_state_dict={"state": optimizer_state, "param_groups": state["optimizer"]["param_groups"]},
+                   options=StateDictOptions(strict=not model.config.tie_embeddings))
+    set_rng_state(load_file(str(checkpoint / rng_file(run.rank))), state["rng"][str(run.rank)])
+    return {"step": state["step"], "loader": state["loaders"][str(run.rank)]}
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on rank 0's CPU (gathered from the shards under FSDP2; empty on
+    the other ranks). All ranks call this."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def rewrite_lines(path: Path, lines: list[str]) -> None:

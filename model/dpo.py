@@ -119,7 +119,6 @@ def build_dpo(config: DPOConfig, inputs: list[Manifest], store: ArtifactStore, w
             data=DPOData(pairs={split: out_dir / "data" / f"{split}.parquet" for split in ("train", "val")},
                          beta=config.beta, loss=config.loss, reference=config.reference, pad_id=chat.pad_id),
             tokenizer_dir=tuning.tokenizer_dir, init_from=tuning.model_dir,
-            expected_world_size=config.launch.num_processes * config.launch.num_machines,
         )
         run_training(spec, config.launch, store, writer)
         return {**training_stats(out_dir), **stats}

@@ -3,7 +3,8 @@
 Multi-process on CPU needs care: `accelerate launch --cpu --num_processes 2` silently runs one
 process. What really starts N ranks over gloo is `--multi_gpu --num_processes N` with
 `ACCELERATE_USE_CPU=true`; the training script then checks the world size it was asked for.
-On GPUs, a config from `configs/accelerate/` picks DDP, FSDP or DeepSpeed ZeRO-2.
+On GPUs, a config from `configs/accelerate/` says how many. Accelerate only launches: DDP or FSDP2
+is the training code's own (model/parallel.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage import ConfigError
@@ -30,12 +33,15 @@ class LaunchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     num_processes: int = Field(1, ge=1, description="Processes (ranks): GPUs, or CPU processes over gloo.")
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With several processes: ddp (every rank holds the model) or fsdp (torch's FSDP2: "
+                           "parameters, gradients and optimizer state sharded over the ranks).")
     accelerate_config: str | None = Field(
-        None, description="A file in configs/accelerate (single_gpu, ddp, fsdp, deepspeed_zero2) or a path.")
+        None, description="A file in configs/accelerate (single_gpu, multi_gpu) or a path.")
     num_machines: int = Field(1, ge=1, description="Nodes; with more than one, set machine_rank and main_process_ip.")
     machine_rank: int = Field(0, ge=0)
     main_process_ip: str | None = None
-    main_process_port: int | None = Field(None, description="Rendezvous port; default: a free one.")
+    main_process_port: int | None = Field(None, ge=1, le=65535, description="Rendezvous port; default: a free one.")
 
 
 def free_port() -> int:

@@ -31,12 +31,12 @@ class ModelShape(BaseModel):
     n_head: int = Field(4, ge=1)
     n_kv_head: int = Field(4, ge=1, description="Fewer than n_head: grouped-query attention.")
     d_model: int = Field(256, ge=8)
-    ffn_hidden: int | None = Field(None, description="SwiGLU width; default ~8/3 d_model rounded to 64.")
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    ffn_hidden: int | None = Field(None, ge=1, description="SwiGLU width; default ~8/3 d_model rounded to 64.")
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
     tie_embeddings: bool = True
     dropout: float = Field(0.0, ge=0, lt=1)
-    init_std: float = 0.02
+    init_std: float = Field(0.02, gt=0)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelShape":

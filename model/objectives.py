@@ -20,6 +20,7 @@ from model.checkpoint import load_checkpoint
 from model.data import IndexLoader, TokenShardLoader
 from model.evaluate import heldout_metrics, token_byte_lengths
 from model.instruction_data import read_rows, read_table_columns, row_batch
+from model.parallel import Distributed
 from model.run_spec import RunSpec
 from storage import ArtifactStore, atomic_file
 
@@ -63,14 +64,14 @@ class NextTokenObjective:
 class PretrainObjective(NextTokenObjective):
     """Next-token cross-entropy on packed rows; validation loss, perplexity and bits per byte."""
 
-    def __init__(self, spec: RunSpec, run):
+    def __init__(self, spec: RunSpec, dist: Distributed):
         from tokenizers import Tokenizer
 
         self.loader_cls = TokenShardLoader
         self.store = ArtifactStore(spec.data.store)
         self.pack = self.store.find(spec.data.pack)
         self.config = spec.train
-        self.device = run.accelerator.device
+        self.device = dist.device
         tokenizer = Tokenizer.from_file(str(spec.tokenizer_dir / "tokenizer.json"))
         self.token_bytes = token_byte_lengths(tokenizer)
 
@@ -104,9 +105,9 @@ def response_loss_sums(model, tokens: np.ndarray, mask: np.ndarray, batch_size: 
 class SFTObjective(NextTokenObjective):
     """Cross-entropy on the assistant's tokens of packed conversation rows."""
 
-    def __init__(self, spec: RunSpec, run):
+    def __init__(self, spec: RunSpec, dist: Distributed):
         self.config = spec.train
-        self.device = run.accelerator.device
+        self.device = dist.device
         self.train_tokens, self.train_mask = read_rows(spec.data.rows["train"])
         self.val_tokens, self.val_mask = read_rows(spec.data.rows["val"])
 
@@ -198,12 +199,12 @@ class PairData:
 class DPOObjective:
     """The DPO (or IPO) loss on preference pairs, against a frozen reference."""
 
-    def __init__(self, spec: RunSpec, run):
+    def __init__(self, spec: RunSpec, dist: Distributed):
         self.config = spec.train
         settings = spec.data
         self.beta, self.kind, self.pad_id = settings.beta, settings.loss, settings.pad_id
-        self.accelerator = run.accelerator
-        self.device = run.accelerator.device
+        self.dist = dist
+        self.device = dist.device
         self.data = {split: PairData(read_table_columns(path)) for split, path in settings.pairs.items()}
         self.reference_model = None
         self.reference_logps: dict[str, torch.Tensor] | None = None
@@ -228,9 +229,7 @@ class DPOObjective:
     def _precompute(self, path: Path) -> None:
         """Log-probabilities of the reference on every pair, computed once (the ranks share the
         work) and kept beside the checkpoints, so a resumed run reads them back."""
-        from accelerate.utils import gather_object
-
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        rank, world = self.dist.rank, self.dist.world
         found = []
         for split, data in self.data.items():
             mine = list(range(rank, len(data), world))
@@ -238,19 +237,19 @@ class DPOObjective:
                 indices = mine[start:start + self.config.batch_size]
                 logps = self._reference_logps(data, indices).cpu().tolist()
                 found += [(split, i, c, r) for i, c, r in zip(indices, logps[:len(indices)], logps[len(indices):])]
-        found = gather_object(found)
-        if self.accelerator.is_main_process:
+        found = [item for part in self.dist.gather_json(found) for item in part]
+        if self.dist.is_main:
             tensors = {f"{split}.{side}": torch.zeros(len(data), dtype=torch.float32)
                        for split, data in self.data.items() for side in ("chosen", "rejected")}
             for split, i, c, r in found:
                 tensors[f"{split}.chosen"][i], tensors[f"{split}.rejected"][i] = c, r
             with atomic_file(path) as handle:
                 handle.write(save(tensors))
-        self.accelerator.wait_for_everyone()
+        self.dist.barrier()
 
     def _reference_logps(self, data: PairData, indices) -> torch.Tensor:
         inputs, targets, mask = (t.to(self.device) for t in data.batch(indices, self.pad_id))
-        with torch.no_grad(), self.accelerator.autocast():
+        with torch.no_grad(), self.dist.autocast():
             return sequence_logps(self.reference_model, inputs, targets, mask)
 
     def _reference(self, split: str, indices) -> tuple[torch.Tensor, torch.Tensor]:

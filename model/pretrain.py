@@ -58,7 +58,6 @@ def build_pretrain(config: PretrainConfig, inputs: list[Manifest], store: Artifa
             train=config.train,
             data=PretrainData(store=store.url, pack=pack.fingerprint),
             tokenizer_dir=store.local_dir(tokenizer, "", scratch),
-            expected_world_size=processes,
         )
         out_dir = run_training(spec, config.launch, store, writer)
         return {**training_stats(out_dir), "documents_in": pack.stats.get("documents_out")}

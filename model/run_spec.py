@@ -30,15 +30,15 @@ class TrainConfig(BaseModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="The cosine decays to lr * this.")
     warmup_steps: int = Field(50, ge=0)
     weight_decay: float = Field(0.1, ge=0, description="On matrices only: never norms, biases, embeddings.")
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float | None = Field(1.0, description="Max global gradient norm; None: no clipping.")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm; None: no clipping.")
     eval_every: int = Field(100, ge=1)
     eval_batches: int = Field(20, ge=1)
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1, description="Training-state checkpoints kept (the last K).")
     log_every: int = Field(10, ge=1)
-    seed: int = 1337
+    seed: int = Field(1337, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast where the device supports it, else fp32.")
     compile: bool = Field(False, description="torch.compile the model.")
@@ -81,7 +81,9 @@ class RunSpec(BaseModel):
     data: Annotated[PretrainData | SFTData | DPOData, Field(discriminator="kind")]
     tokenizer_dir: Path | None = None     # copied into every checkpoint
     init_from: Path | None = None         # a checkpoint to start from (SFT, DPO)
+    # from the stage's launch settings (model/training_stage.py run_training)
     expected_world_size: int = 1
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
 
     def write(self) -> Path:
         path = self.out_dir / RUN_FILE

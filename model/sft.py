@@ -97,7 +97,6 @@ def pack_conversations(encoded: list[ChatTokens], row_len: int, pad_id: int,
 
 
 def build_sft(config: SFTConfig, inputs: list[Manifest], store: ArtifactStore, writer: ArtifactWriter) -> dict[str, Any]:
-    processes = config.launch.num_processes * config.launch.num_machines
     with tempfile.TemporaryDirectory(prefix="kiln-sft-") as scratch_dir:
         tuning = prepare_tuning("sft", config, inputs, store, writer, Path(scratch_dir), sft_conversation,
                                 ("pretrain", "sft", "dpo"))
@@ -123,7 +122,7 @@ def build_sft(config: SFTConfig, inputs: list[Manifest], store: ArtifactStore, w
         spec = RunSpec(
             stage="sft", out_dir=out_dir, model=tuning.model, train=config.train,
             data=SFTData(rows={split: out_dir / "data" / f"{split}.parquet" for split in ("train", "val")}),
-            tokenizer_dir=tuning.tokenizer_dir, init_from=tuning.model_dir, expected_world_size=processes,
+            tokenizer_dir=tuning.tokenizer_dir, init_from=tuning.model_dir,
         )
         run_training(spec, config.launch, store, writer)
         return {**training_stats(out_dir, "val_response_loss"), "pretrained_val_response_loss": baseline, **stats}

@@ -1,4 +1,5 @@
-"""The training loop, run under `accelerate launch` (`python -m model.train RUN_JSON`).
+"""The training loop, run under `accelerate launch` (`python -m model.train RUN_JSON`), which only
+starts the processes: ranks, devices, precision and DDP / FSDP2 are model/parallel.py's.
 
 One flat loop, nanoGPT-style: config, data, model, optimizer, then steps. What varies between
 pretraining and the alignment stages is the `Objective` (model/objectives.py: which batches,
@@ -13,7 +14,6 @@ same per-step losses as a run that was never interrupted (bit-identical on CPU).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -24,12 +24,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from model.checkpoint import (latest_checkpoint, load_training_checkpoint, rank_state_dir, rewrite_lines,
-                              rng_file, rng_state, save_checkpoint, save_training_checkpoint, set_rng_state)
+from model.checkpoint import (full_model_state, latest_checkpoint, load_training_checkpoint, rewrite_lines,
+                              save_checkpoint, save_training_checkpoint)
 from model.model import Transformer, parameter_groups
 from model.objectives import OBJECTIVES
+from model.parallel import Distributed, no_gradient_sync, parallelize, unwrap
 from model.run_spec import RunSpec, TrainConfig
 
 FINAL = "model"
@@ -50,38 +51,36 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 
 class Run:
-    """One training run: its output directory, accelerator, model, optimizer and logs."""
+    """One training run: its ranks (model/parallel.py), model, optimizer, objective and logs."""
 
     def __init__(self, spec: RunSpec):
-        from accelerate import Accelerator
-
         self.spec = spec
         self.out = spec.out_dir
         self.config: TrainConfig = spec.train
         self.model_config = spec.model
         self.tokenizer_dir = spec.tokenizer_dir
-        precision = _mixed_precision(self.config.precision)
-        self.accelerator = Accelerator(mixed_precision=precision, log_with="tensorboard",
-                                       project_dir=str(self.out), step_scheduler_with_optimizer=False)
+        self.dist = Distributed.from_env(self.config.precision)
+        self.rank, self.world = self.dist.rank, self.dist.world
         self._check_world_size(spec.expected_world_size)
-        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         _seed_everything(self.config.seed)
-        self.objective = OBJECTIVES[spec.data.kind](spec, self)
+        self.objective = OBJECTIVES[spec.data.kind](spec, self.dist)
+        self.parallelism = spec.parallelism
         self.model = self._build_model(spec.init_from)
         self.optimizer = torch.optim.AdamW(
-            parameter_groups(self.model, self.config.weight_decay), lr=self.config.lr,
+            parameter_groups(self.raw_model, self.config.weight_decay), lr=self.config.lr,
             betas=(self.config.beta1, self.config.beta2), fused=False,
         )
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.scaler = torch.amp.GradScaler(self.dist.device.type) if self.dist.precision == "fp16" else None
         self.loader = self.objective.train_batches(self.rank, self.world)
         self.batches = iter(self.loader)
         self.step = 0
+        self.tensorboard = None
 
     def _check_world_size(self, expected: int | None) -> None:
         # `accelerate launch --cpu --num_processes 2` silently runs one process: refuse it.
-        if expected and self.accelerator.num_processes != expected:
-            raise SystemExit(f"kiln: asked for {expected} processes, accelerate started "
-                             f"{self.accelerator.num_processes}; check the launch flags")
+        if expected and self.world != expected:
+            raise SystemExit(f"kiln: asked for {expected} processes, accelerate started {self.world}; "
+                             "check the launch flags")
 
     def _build_model(self, init_from: Path | None) -> torch.nn.Module:
         model = Transformer(self.model_config)
@@ -89,14 +88,14 @@ class Run:
             state = load_file(str(Path(init_from) / "model.safetensors"))
             model.load_state_dict(state, strict=not self.model_config.tie_embeddings)
         model.activation_checkpointing = self.config.activation_checkpointing
+        model = parallelize(model, self.parallelism, self.dist)
         if self.config.compile:
             model = torch.compile(model)
         return model
 
     @property
     def raw_model(self) -> Transformer:
-        model = self.accelerator.unwrap_model(self.model)
-        return getattr(model, "_orig_mod", model)
+        return unwrap(self.model)
 
     # -------------------------------------------------------------- resume and save
 
@@ -104,10 +103,7 @@ class Run:
         checkpoint = latest_checkpoint(self.out)
         if checkpoint is None:
             return
-        state = load_training_checkpoint(checkpoint, self.rank)
-        self.raw_model.load_state_dict(state["model"], strict=not self.model_config.tie_embeddings)
-        self.optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng_tensors"], state["rng"])
+        state = load_training_checkpoint(checkpoint, self.raw_model, self.optimizer, self.dist)
         self.loader.load_state_dict(state["loader"])
         self.batches = iter(self.loader)
         self.step = state["step"]
@@ -115,58 +111,52 @@ class Run:
         self.log(f"resumed from {checkpoint.name} (step {self.step})")
 
     def save(self) -> None:
-        """Training state every rank contributes to (loader positions, RNG), written by rank 0."""
-        loaders = self.accelerator.gather_for_metrics([json.dumps(self.loader.state_dict())], use_gather_object=True)
-        rng_tensors, rng_meta = rng_state()
-        rngs = self.accelerator.gather_for_metrics([json.dumps(rng_meta)], use_gather_object=True)
-        ranks = rank_state_dir(self.out, self.step)
-        ranks.mkdir(parents=True, exist_ok=True)
-        save_file(rng_tensors, str(ranks / rng_file(self.rank)))
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            save_training_checkpoint(
-                self.out, self.step, self.raw_model, self.model_config, self.tokenizer_dir,
-                self.optimizer.state_dict(), loaders={str(i): json.loads(s) for i, s in enumerate(loaders)},
-                rngs={str(i): json.loads(s) for i, s in enumerate(rngs)}, keep=self.config.keep_checkpoints,
-            )
-        self.accelerator.wait_for_everyone()
+        save_training_checkpoint(self.out, self.step, self.raw_model, self.optimizer, self.dist,
+                                 loaders=self.dist.gather_json(self.loader.state_dict()),
+                                 keep=self.config.keep_checkpoints)
 
     def save_final(self) -> None:
-        if self.accelerator.is_main_process:
-            save_checkpoint(self.out / FINAL, self.raw_model, self.model_config, self.tokenizer_dir,
+        state = full_model_state(self.raw_model)  # every rank takes part in gathering the shards
+        if self.dist.is_main:
+            save_checkpoint(self.out / FINAL, state, self.model_config, self.tokenizer_dir,
                             extra={"step": self.step, "stage": self.spec.stage})
-        self.accelerator.wait_for_everyone()
+        self.dist.barrier()
 
     # -------------------------------------------------------------- logs
 
     def log(self, message: str) -> None:
-        if self.accelerator.is_main_process:
+        if self.dist.is_main:
             print(f"[{self.spec.stage}] {message}", flush=True)
 
     def record(self, values: dict[str, Any]) -> None:
-        if not self.accelerator.is_main_process:
+        if not self.dist.is_main:
             return
         with open(self.out / METRICS, "a") as handle:
             handle.write(json.dumps(values) + "\n")
-        self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float)) and k != "step"},
-                             step=values["step"])
+        if self.tensorboard is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(self.out / self.spec.stage))
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self.tensorboard.add_scalar(key, value, values["step"])
 
     def _truncate_metrics(self, step: int) -> None:
         """Forget what a killed run logged after its last checkpoint: those steps are redone."""
         path = self.out / METRICS
-        if not self.accelerator.is_main_process or not path.exists():
+        if not self.dist.is_main or not path.exists():
             return
         rewrite_lines(path, [line for line in path.read_text().splitlines() if _step_of(line) <= step])
 
     # -------------------------------------------------------------- the loop
 
     def train(self) -> dict[str, float]:
-        self.log(f"world_size={self.world} device={self.accelerator.device} "
-                 f"precision={self.accelerator.mixed_precision} params={self.raw_model.num_params(False):,}")
+        self.log(f"world_size={self.world} parallelism={self.parallelism if self.world > 1 else 'none'} "
+                 f"device={self.dist.device} precision={self.dist.precision} "
+                 f"params={self.raw_model.num_params(False):,}")
         self.resume()
-        self.accelerator.init_trackers(self.spec.stage, config={"lr": self.config.lr})
         flops_per_token = self.raw_model.flops_per_token()
-        peak = (_peak_flops(self.accelerator.device) or 0.0) * self.world
+        peak = (_peak_flops(self.dist.device) or 0.0) * self.world
         last_eval: dict[str, float] = {}
         window_tokens, window_start = 0, time.perf_counter()
         while self.step < self.config.max_steps:
@@ -189,7 +179,8 @@ class Run:
             if self.step % self.config.checkpoint_every == 0 or self.step == self.config.max_steps:
                 self.save()
         self.save_final()
-        self.accelerator.end_training()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         return last_eval
 
     def _optimizer_step(self) -> tuple[float, dict[str, float], int]:
@@ -201,40 +192,38 @@ class Run:
         for micro in range(accum):
             batch = next(self.batches)
             tokens += self.objective.tokens_in(batch) * self.world
-            sync = micro == accum - 1
-            with (contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)):
-                with self.accelerator.autocast():
+            with no_gradient_sync(self.model, self.parallelism, skip=micro < accum - 1):
+                with self.dist.autocast():
                     loss, extra = self.objective.loss(self.model, batch)
-                self.accelerator.backward(loss / accum)
+                scaled = loss / accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += loss.detach().float().item() / accum
             for key, value in extra.items():
                 extras[key] = extras.get(key, 0.0) + value / accum
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         if self.config.grad_clip is not None:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        mean = self.accelerator.reduce(torch.tensor([total, *extras.values()], device=self.accelerator.device), "mean")
-        values = mean.tolist()
+        values = self.dist.mean([total, *extras.values()])
         return values[0], dict(zip(extras, values[1:])), tokens
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
-        with self.accelerator.autocast():
+        with self.dist.autocast():
             metrics = self.objective.evaluate(self.model, self.rank, self.world, self.config.eval_batches)
         keys = sorted(metrics)
-        reduced = self.accelerator.reduce(torch.tensor([metrics[k] for k in keys], device=self.accelerator.device), "mean")
-        return dict(zip(keys, (round(v, 6) for v in reduced.tolist())))
+        return dict(zip(keys, (round(v, 6) for v in self.dist.mean([metrics[k] for k in keys]))))
 
 
 def _format_row(row: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-
-
-def _mixed_precision(precision: str) -> str:
-    if precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return {"fp32": "no"}.get(precision, precision)
 
 
 def _seed_everything(seed: int) -> None:
@@ -266,7 +255,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = argv if argv is not None else sys.argv[1:]
     spec = RunSpec.read(argv[0])  # parsed here, once; every part is a pydantic object from now on
     torch.use_deterministic_algorithms(True, warn_only=True)
-    Run(spec).train()
+    run = Run(spec)
+    try:
+        run.train()
+    finally:
+        run.dist.close()
 
 
 if __name__ == "__main__":

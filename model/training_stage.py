@@ -111,7 +111,10 @@ def output_dir(store: ArtifactStore, writer: ArtifactWriter, scratch: Path) -> P
 
 
 def run_training(spec: RunSpec, launch: LaunchConfig, store: ArtifactStore, writer: ArtifactWriter) -> Path:
-    """Write the spec into its output directory and run `model.train` on it under accelerate."""
+    """Write the spec, completed with the launch settings, into its output directory and run
+    `model.train` on it under accelerate."""
+    spec = spec.model_copy(update={"expected_world_size": launch.num_processes * launch.num_machines,
+                                   "parallelism": launch.parallelism})
     run_accelerate("model.train", spec.write(), launch, spec.out_dir / "train.log")
     if not store.is_local:
         for path in sorted(spec.out_dir.rglob("*")):

@@ -18,7 +18,7 @@ import threading
 from collections import deque, namedtuple
 from collections.abc import Iterator
 from functools import lru_cache
-from typing import Any
+from typing import Annotated, Any
 
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
@@ -44,6 +44,10 @@ REASON = "filter_reason"  # the metadata key datatrove's filters give a rejected
 
 
 # ------------------------------------------------------------------ settings
+
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Count = Annotated[int, Field(ge=0)]
+NGramLimit = tuple[Annotated[int, Field(ge=1)], Fraction]  # (n, the largest share of text its n-grams may take)
 
 
 class FilterConfig(BaseModel):
@@ -129,12 +133,12 @@ class LanguageFilterConfig(FilterConfig):
 class GopherRepetitionConfig(FilterConfig):
     """Gopher's repetition rules (Rae et al. 2021, table A1); datatrove's defaults."""
 
-    dup_line_frac: float | None = 0.3
-    dup_para_frac: float | None = 0.3
-    dup_line_char_frac: float | None = 0.2
-    dup_para_char_frac: float | None = 0.2
-    top_n_grams: list[tuple[int, float]] = Field(default_factory=lambda: [(2, 0.2), (3, 0.18), (4, 0.16)])
-    dup_n_grams: list[tuple[int, float]] = Field(
+    dup_line_frac: Fraction | None = 0.3
+    dup_para_frac: Fraction | None = 0.3
+    dup_line_char_frac: Fraction | None = 0.2
+    dup_para_char_frac: Fraction | None = 0.2
+    top_n_grams: list[NGramLimit] = Field(default_factory=lambda: [(2, 0.2), (3, 0.18), (4, 0.16)])
+    dup_n_grams: list[NGramLimit] = Field(
         default_factory=lambda: [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)]
     )
 
@@ -149,19 +153,19 @@ class GopherRepetitionConfig(FilterConfig):
 class GopherQualityConfig(FilterConfig):
     """Gopher's quality rules; datatrove's defaults but one. `None` switches a rule off."""
 
-    min_doc_words: int | None = 50
-    max_doc_words: int | None = 100_000
-    min_avg_word_length: int | None = 3
-    max_avg_word_length: int | None = 10
-    max_symbol_word_ratio: float | None = 0.1
-    max_bullet_lines_ratio: float | None = 0.9
-    max_ellipsis_lines_ratio: float | None = 0.3
+    min_doc_words: Count | None = 50
+    max_doc_words: Count | None = 100_000
+    min_avg_word_length: Count | None = 3
+    max_avg_word_length: Count | None = 10
+    max_symbol_word_ratio: Fraction | None = 0.1
+    max_bullet_lines_ratio: Fraction | None = 0.9
+    max_ellipsis_lines_ratio: Fraction | None = 0.3
     # The least fraction of words with a letter (datatrove's name is misleading). datatrove
     # counts punctuation tokens as words, so at its default 0.8, 16 of the 161 English
     # human-written article bodies of the scrapinghub benchmark fail (median 0.856); at 0.7,
     # two do, both tables of sports scores. Gopher meant words, not punctuation.
-    max_non_alpha_words_ratio: float | None = 0.7
-    min_stop_words: int | None = 2
+    max_non_alpha_words_ratio: Fraction | None = 0.7
+    min_stop_words: Count | None = 2
     stop_words: list[str] = Field(
         default_factory=lambda: ["the", "be", "to", "of", "and", "that", "have", "with"],
         description="English; set them for another language.",
@@ -184,9 +188,9 @@ class C4QualityConfig(FilterConfig):
     # FineWeb's recipe sets it off too and judges punctuation per document (FineWebQuality's
     # line_punct_thr) instead.
     filter_no_terminal_punct: bool = False
-    min_num_sentences: int = Field(5, description="-1 switches the rule off.")
-    min_words_per_line: int = Field(3, description="-1 switches the rule off.")
-    max_word_length: int = Field(1000, description="-1 switches the rule off.")
+    min_num_sentences: int = Field(5, ge=-1, description="-1 switches the rule off.")
+    min_words_per_line: int = Field(3, ge=-1, description="-1 switches the rule off.")
+    max_word_length: int = Field(1000, ge=-1, description="-1 switches the rule off.")
     filter_lorem_ipsum: bool = True
     filter_javascript: bool = True
     filter_curly_bracket: bool = True
@@ -200,12 +204,12 @@ class C4QualityConfig(FilterConfig):
 class FineWebQualityConfig(FilterConfig):
     """FineWeb's own rules (Penedo et al. 2024); datatrove's defaults."""
 
-    line_punct_thr: float = 0.12
+    line_punct_thr: Fraction = 0.12
     line_punct_exclude_zero: bool = False
-    short_line_thr: float = 0.67
-    short_line_length: int = 30
-    char_duplicates_ratio: float = 0.01
-    new_line_ratio: float = 0.3
+    short_line_thr: Fraction = 0.67
+    short_line_length: Count = 30
+    char_duplicates_ratio: Fraction = 0.01
+    new_line_ratio: Fraction = 0.3
 
     def build(self, words: WordTokenizer) -> PipelineStep:
         return FineWebQualityFilter(**self.settings(), language=words)

@@ -62,14 +62,20 @@ def atomic_dir(final: str | os.PathLike, fill: Callable[[Path], None]) -> None:
     temp.mkdir()
     try:
         fill(temp)
-        for path in temp.rglob("*"):
-            if path.is_file():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
-        swap_into_place(temp, final)
+        finish_dir(temp, final)
     finally:
         if temp.exists():
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def finish_dir(temp: Path, final: Path) -> None:
+    """Put a directory whose files are all written (by this process or others: the ranks of a
+    training run) in place of `final`, its files fsynced first."""
+    for path in Path(temp).rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    swap_into_place(Path(temp), Path(final))
 
 
 def swap_into_place(staging: Path, final: Path) -> None:

@@ -9,6 +9,7 @@ only `TransientError`.
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,20 @@ class TransientError(KilnError):
     """A failure that may pass (a network blip); the orchestrator retries these with backoff."""
 
     retriable = True
+
+
+# OSErrors that retrying cannot mend: permissions, a read-only or full disk, a path that is not
+# what it should be. They end a run at once, as one line naming the path.
+PERMANENT_OS_ERRORS = frozenset({
+    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+    errno.ENOENT, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP, errno.EFBIG,
+})
+
+
+def os_error_line(err: OSError) -> str:
+    """`<path>: <reason>`, the one line an OSError becomes for a user."""
+    where = err.filename if err.filename is not None else "kiln"
+    return f"{where}: {(err.strerror or str(err)).lower()}"
 
 
 class StageConfig(BaseModel):

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,12 +33,18 @@ from typing import Any, BinaryIO, Literal
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from storage.atomic import atomic_file, is_temporary, swap_into_place
+from storage.atomic import atomic_file, atomic_write_bytes, is_temporary, swap_into_place
 from storage.manifest import MANIFEST_NAME, FileEntry, Manifest, StorageError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("kiln.storage")
 
-Verify = Literal["none", "size", "sha256"]
+# How much of an artifact is checked before it is used: "content" (the default) is sha256 of
+# every file whose stat changed since its sha256 was last confirmed; "sha256" hashes every file.
+Verify = Literal["none", "size", "content", "sha256"]
+STAMPS_DIR = ".verified"
+STAGE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*", re.IGNORECASE)
+FINGERPRINT = re.compile(r"[A-Za-z0-9_-]{1,128}")  # one safe path component (Kiln's own are 64 hex digits)
+FINGERPRINT_PREFIX = re.compile(r"[A-Za-z0-9_-]{6,128}")  # and so no glob pattern
 STAGING_PREFIX = ".staging-"
 
 
@@ -75,10 +82,31 @@ class ArtifactStore:
     # ---------------------------------------------------------------- paths
 
     def stage_dir(self, stage: str) -> str:
+        if not STAGE_NAME.fullmatch(stage):
+            raise StorageError(f"{stage!r}: not a stage name (letters, digits, '-' and '_')")
         return posixpath.join(self.root, stage)
 
     def artifact_dir(self, stage: str, fp: str) -> str:
-        return posixpath.join(self.root, stage, fp)
+        if not FINGERPRINT.fullmatch(fp):
+            raise StorageError(f"{fp!r}: not a fingerprint")
+        return posixpath.join(self.stage_dir(stage), fp)
+
+    def check_usable(self, writable: bool = True) -> None:
+        """Fail now, in one line, when the store cannot hold artifacts: a local root that is a
+        file, or that cannot be created or written to."""
+        if not self.is_local:
+            return
+        root = Path(self.root)
+        if root.exists() and not root.is_dir():
+            raise StorageError(f"{root}: not a directory (the data directory must be one)")
+        if not writable:
+            return
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StorageError(f"{err.filename or root}: cannot be created ({err.strerror or err})") from None
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise StorageError(f"{root}: not writable (permission denied or a read-only file system)")
 
     def local_path(self, manifest: Manifest, relpath: str = "") -> Path:
         """A local filesystem path inside a committed artifact (local stores only)."""
@@ -109,7 +137,7 @@ class ArtifactStore:
 
     # ---------------------------------------------------------------- reading
 
-    def get(self, stage: str, fp: str, verify: Verify = "size") -> Manifest | None:
+    def get(self, stage: str, fp: str, verify: Verify = "content") -> Manifest | None:
         """The committed artifact, or None when it is absent or fails verification."""
         directory = self.artifact_dir(stage, fp)
         manifest_path = posixpath.join(directory, MANIFEST_NAME)
@@ -127,29 +155,72 @@ class ArtifactStore:
             return None
         problems = self.problems(manifest, verify)
         if problems:
-            log.warning("%s/%s fails verification (%s); it will be rebuilt", stage, fp[:12], problems[0])
+            log.warning("%s: %s; the artifact will be rebuilt", posixpath.join(directory, problems[0].split(":")[0]),
+                        problems[0].split(": ", 1)[1])
             return None
         manifest.location = self.fs.unstrip_protocol(directory) if not self.is_local else directory
         return manifest
 
     def problems(self, manifest: Manifest, verify: Verify = "sha256") -> list[str]:
-        """What is wrong with a committed artifact's files (empty when it is intact)."""
+        """What is wrong with a committed artifact's files (empty when it is intact).
+
+        "content": a file is hashed only when its stamp (size, mtime, ctime, inode; size and
+        ETag on object stores) differs from the one recorded when its sha256 last matched the
+        manifest. No write leaves the stamp unchanged (the kernel sets ctime on every change
+        and nothing can set it back), so a rerun of a large store hashes only what changed;
+        `kiln verify` hashes everything (damage below the filesystem: bit rot)."""
         if verify == "none":
             return []
         directory = self.artifact_dir(manifest.stage, manifest.fingerprint)
-        found = []
+        stamps = self._stamps(manifest) if verify == "content" else {}
+        found, confirmed = [], {}
         for entry in manifest.files:
             path = posixpath.join(directory, entry.path)
             try:
-                size = self.fs.size(path)
+                stamp = self._stamp(path)
             except FileNotFoundError:
                 found.append(f"{entry.path}: missing")
                 continue
-            if size != entry.bytes:
-                found.append(f"{entry.path}: {size} bytes, manifest says {entry.bytes}")
-            elif verify == "sha256" and sha256_of(self.fs, path) != entry.sha256:
+            if stamp[0] != entry.bytes:
+                found.append(f"{entry.path}: {stamp[0]} bytes, manifest says {entry.bytes}")
+            elif verify == "size" or (verify == "content" and stamps.get(entry.path) == stamp):
+                confirmed[entry.path] = stamp
+            elif sha256_of(self.fs, path) != entry.sha256:
                 found.append(f"{entry.path}: sha256 differs from the manifest")
+            else:
+                confirmed[entry.path] = stamp
+        if verify in ("content", "sha256") and not found and confirmed != stamps:
+            self._write_stamps(manifest, confirmed)
         return found
+
+    def _stamp(self, path: str) -> list:
+        if self.is_local:
+            st = os.stat(path)
+            return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        info = self.fs.info(path)
+        return [info.get("size"), info.get("ETag") or info.get("LastModified") or info.get("mtime")]
+
+    def _stamps_path(self, manifest: Manifest) -> str:
+        return posixpath.join(self.stage_dir(manifest.stage), STAMPS_DIR, f"{manifest.fingerprint}.json")
+
+    def _stamps(self, manifest: Manifest) -> dict[str, list]:
+        try:
+            value = json.loads(self.fs.cat_file(self._stamps_path(manifest)))
+        except (FileNotFoundError, ValueError):
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    def _write_stamps(self, manifest: Manifest, stamps: dict[str, list]) -> None:
+        """Remember the files' stamps as of their last sha256 match (best effort: a store that
+        cannot take the write is only hashed again next time)."""
+        data = json.dumps(stamps, sort_keys=True).encode()
+        try:
+            if self.is_local:
+                atomic_write_bytes(self._stamps_path(manifest), data)
+            else:
+                self.fs.pipe_file(self._stamps_path(manifest), data)
+        except OSError as err:
+            log.debug("%s: stamps not written (%s)", self._stamps_path(manifest), err)
 
     def list(self, stage: str | None = None) -> list[Manifest]:
         stages = [stage] if stage else self.stages()
@@ -176,6 +247,8 @@ class ArtifactStore:
         prefix = fp_or_prefix.strip()
         if len(prefix) < 6:
             raise StorageError(f"{prefix!r}: give at least 6 characters of a fingerprint")
+        if not FINGERPRINT_PREFIX.fullmatch(prefix):
+            raise StorageError(f"{prefix!r}: not a fingerprint (letters and digits)")
         matches = [
             m for stage in self.stages()
             for path in self.fs.glob(posixpath.join(self.stage_dir(stage), prefix + "*", MANIFEST_NAME))
@@ -217,7 +290,7 @@ class ArtifactStore:
         inputs: list[str],
         code_version: str,
         force: bool = False,
-        verify: Verify = "size",
+        verify: Verify = "content",
     ) -> Manifest:
         """Return the committed artifact `stage/fp`, building it with `build(writer)` if needed.
 
@@ -231,7 +304,11 @@ class ArtifactStore:
             self._remove_abandoned_staging(stage, keep=fp)
             writer = ArtifactWriter(self, stage, fp, config, inputs, code_version)
             writer.prepare(fresh=force or not self.is_local)
-            stats = build(writer) or {}
+            try:
+                stats = build(writer) or {}
+            except BaseException:
+                writer.discard_if_empty()  # nothing to resume from: leave nothing behind
+                raise
             manifest = writer.commit(stats)
             manifest.built = True
             return manifest
@@ -336,6 +413,14 @@ class ArtifactWriter:
             if is_temporary(path) and self.fs.exists(path):
                 self.fs.rm(path, recursive=True)
 
+    def discard_if_empty(self) -> None:
+        """Remove the working directory of a failed build that wrote no complete file."""
+        try:
+            if self.store.is_local and not any(Path(self.workdir).rglob("*")):
+                shutil.rmtree(self.workdir, ignore_errors=True)
+        except OSError:
+            pass
+
     def done(self, relpath: str) -> bool:
         """Whether a complete file already sits at relpath (written by an earlier, killed run)."""
         return self.fs.exists(self.path(relpath))
@@ -416,7 +501,8 @@ class ArtifactWriter:
         final = store.artifact_dir(self.stage, self.fingerprint)
         if store.is_local:
             swap_into_place(Path(self.workdir), Path(final))
-        committed = store.get(self.stage, self.fingerprint, verify="size")
+        store._write_stamps(manifest, {f.path: store._stamp(posixpath.join(final, f.path)) for f in files})
+        committed = store.get(self.stage, self.fingerprint, verify="content")
         if committed is None:
             raise StorageError(f"{final}: the artifact just committed does not verify")
         return committed

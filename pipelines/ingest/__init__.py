@@ -19,7 +19,8 @@ mode, and fastwarc reads them 2.7-3.2x faster. Neither reads past garbage (warci
 raises on gzip damage), hence the fallback.
 
 Stats (manifest.stats): files, files_resumed, shards; records (all WARC records read) =
-documents + the skipped_<reason> counts (SKIP_REASONS); bytes (crawl files), document_bytes
+documents + the skipped_<reason> counts (SKIP_REASONS), checked for every file (its numbers are
+in `sources/<file>.json`); bytes (crawl files), document_bytes
 (payloads kept); resyncs (damaged or foreign bytes skipped), parse_errors (fastwarc failures
 in the fallback); charset_detected, decoded_with_bad_bytes, fetch_date_unparsed; seconds,
 docs_per_second, mb_per_second (crawl bytes).
@@ -64,6 +65,7 @@ def build_ingest(config: IngestConfig, inputs: list[Manifest], store: ArtifactSt
         for result in parallel_map(ingest_file, tasks, config.workers):
             for relpath, rows in result["shards"].items():
                 writer.record_rows(relpath, rows)  # rows counted in a worker process are not in our writer
+            check_accounting(result["source"], result["counts"])
             merge_counts(totals, result["counts"])
             totals["files_resumed"] += result["resumed"]
             totals["shards"] += len(result["shards"])
@@ -83,6 +85,15 @@ def build_ingest(config: IngestConfig, inputs: list[Manifest], store: ArtifactSt
     totals["docs_per_second"] = round(totals["documents"] / seconds, 1) if seconds else None
     totals["mb_per_second"] = round(totals["bytes"] / 1e6 / seconds, 2) if seconds else None
     return totals
+
+
+def check_accounting(source: str, counts: dict[str, int]) -> None:
+    """Every record of a file is a document or skipped for a reason; a file whose numbers do
+    not add up is a bug in the reader, never a file to commit."""
+    skipped = sum(counts[f"skipped_{reason}"] for reason in SKIP_REASONS)
+    if counts["records"] != counts["documents"] + skipped:
+        raise RuntimeError(f"{source}: {counts['records']} records read, but {counts['documents']} documents "
+                           f"+ {skipped} skipped; a record is unaccounted for")
 
 
 STAGE = Stage("ingest", IngestConfig, build_ingest, code_version="1", describe_sources=describe_sources)

@@ -44,6 +44,7 @@ SKIP_REASONS = (
     "bad_encoding",      # Content-Encoding / chunking that does not decode
     "empty",
     "undecodable",       # no charset decodes it into text (binary, mixed garbage)
+    "damaged",           # not readable as a record: a broken gzip member, garbage for a header
 )
 
 

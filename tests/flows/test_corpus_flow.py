@@ -50,6 +50,16 @@ def test_cached_rerun_partial_rerun_and_deleted_artifact(prefect_server, tmp_pat
     assert statuses(rebuilt)["dedup"] == "cached"
     assert file_hashes(rebuilt["clean"]["manifest"]) == file_hashes(clean)
 
+    # One byte flipped in the middle of a dedup shard, its size unchanged: rebuilt, not served.
+    dedup = first["dedup"]["manifest"]
+    shard = Path(store.artifact_dir("dedup", dedup["fingerprint"])) / "shards" / "00000.parquet"
+    damaged = bytearray(shard.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01
+    shard.write_bytes(bytes(damaged))
+    healed = pipeline_flow(until="dedup", config=load_config(overrides=SMALL), data_dir=data)
+    assert statuses(healed) == {"sample-crawl": "cached", "ingest": "cached", "clean": "cached", "dedup": "built"}
+    assert file_hashes(healed["dedup"]["manifest"]) == file_hashes(dedup)
+
 
 def kiln(*args: str, env: dict, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, stdout=subprocess.PIPE,

@@ -166,11 +166,8 @@ def pair_files(chat: ChatFormat, directory: Path, count: int = 20) -> dict[str, 
 
 
 def test_a_precomputed_reference_gives_the_losses_of_the_reference_model(inputs, tmp_path):
-    from types import SimpleNamespace
-
-    from accelerate import Accelerator
-
     from model.checkpoint import load_checkpoint
+    from model.parallel import Distributed
 
     from model.checkpoint import read_config
     from model.model import ModelConfig
@@ -185,7 +182,7 @@ def test_a_precomputed_reference_gives_the_losses_of_the_reference_model(inputs,
                        train=TrainConfig(batch_size=4), init_from=model_dir,
                        data=DPOData(pairs=pairs, beta=0.1, loss="sigmoid", reference=reference, pad_id=chat.pad_id))
 
-    run = SimpleNamespace(accelerator=Accelerator(cpu=True))
+    run = Distributed.from_env("fp32")
     held = objectives.DPOObjective(spec("model"), run)
     precomputed = objectives.DPOObjective(spec("precomputed"), run)
     assert held.reference_model is not None and precomputed.reference_model is None

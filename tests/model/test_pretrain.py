@@ -74,24 +74,7 @@ def test_resume_after_sigkill_logs_the_same_losses(data, tmp_path):
     assert len(losses(reference_store, reference)) == 48
 
     killed_store = copy_inputs(store, tmp_path / "b", [packed, tok])
-    script = textwrap.dedent(f"""
-        from model import pretrain
-        from storage import ArtifactStore
-        from tests.model.test_pretrain import config
-        store = ArtifactStore({str(tmp_path / "b")!r})
-        pretrain.STAGE.run(config(max_steps=48), [store.find({packed.fingerprint!r}), store.find({tok.fingerprint!r})],
-                           store)
-    """)
-    victim = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[2],
-                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    staging = next_staging(tmp_path / "b" / "pretrain", victim)
-    deadline = time.time() + 300
-    while not any((staging / "checkpoints").glob("step-00000008")) or step_logged(staging) < 10:
-        assert victim.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.2)
-    os.killpg(victim.pid, signal.SIGKILL)  # mid-run, after the step-8 checkpoint
-    victim.wait()
+    kill_mid_run(tmp_path / "b", "config(max_steps=48)", (packed, tok))  # mid-run, after the step-8 checkpoint
 
     resumed = pretrain.STAGE.run(config(max_steps=48), [packed, tok], killed_store)
     log = killed_store.local_path(resumed, "train.log").read_text()
@@ -117,22 +100,82 @@ def step_logged(staging: Path) -> int:
     return json.loads(lines[-1])["step"] if lines else 0
 
 
+def kill_mid_run(store_dir: Path, script_config: str, inputs, checkpoint: str = "step-00000008") -> None:
+    """Run the stage in another process and SIGKILL its whole process group (launcher and every
+    rank) once the checkpoint is written and a later step is logged."""
+    packed, tok = inputs
+    script = textwrap.dedent(f"""
+        from model import pretrain
+        from storage import ArtifactStore
+        from tests.model.test_pretrain import {script_config.split("(")[0]}
+        store = ArtifactStore({str(store_dir)!r})
+        pretrain.STAGE.run({script_config}, [store.find({packed.fingerprint!r}), store.find({tok.fingerprint!r})],
+                           store)
+    """)
+    victim = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[2],
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = next_staging(store_dir / "pretrain", victim)
+    deadline = time.time() + 300
+    while not any((staging / "checkpoints").glob(checkpoint)) or step_logged(staging) < 10:
+        assert victim.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+
+
+GQA = dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, tie_embeddings=False)  # the 1b preset's shape, small
+
+
+def parallel_config(processes: int, parallelism: str = "ddp") -> pretrain.PretrainConfig:
+    """The same global batch (8 rows) on 1 or 2 ranks, with the 1b preset's settings: grouped-query
+    attention, untied embeddings, activation checkpointing."""
+    cfg = config(batch_size=8 // processes, max_steps=16, activation_checkpointing=True)
+    cfg.model = ModelShape(**GQA)
+    cfg.launch = pretrain.LaunchConfig(num_processes=processes, parallelism=parallelism)
+    return cfg
+
+
 @pytest.mark.slow
-def test_two_cpu_processes_are_two_ranks_and_reach_the_same_loss(data, tmp_path):
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_two_cpu_ranks_train_checkpoint_resume_and_match_one_rank(data, tmp_path, parallelism):
     store, packed, tok = data
-    single = pretrain.STAGE.run(config(batch_size=8, max_steps=16), [packed, tok],
-                                copy_inputs(store, tmp_path / "one", [packed, tok]))
-    two = config(batch_size=4, max_steps=16)
-    two.launch = pretrain.LaunchConfig(num_processes=2)
-    double = pretrain.STAGE.run(two, [packed, tok], copy_inputs(store, tmp_path / "two", [packed, tok]))
-    log = ArtifactStore(tmp_path / "two").local_path(double, "train.log").read_text()
-    assert "world_size=2" in log
+    single = pretrain.STAGE.run(parallel_config(1), [packed, tok], copy_inputs(store, tmp_path / "one", [packed, tok]))
+    double = pretrain.STAGE.run(parallel_config(2, parallelism), [packed, tok],
+                                copy_inputs(store, tmp_path / "two", [packed, tok]))
+    two_store = ArtifactStore(tmp_path / "two")
+    log = two_store.local_path(double, "train.log").read_text()
+    assert f"world_size=2 parallelism={parallelism}" in log
     one_losses = losses(ArtifactStore(tmp_path / "one"), single)
-    two_losses = losses(ArtifactStore(tmp_path / "two"), double)
+    two_losses = losses(two_store, double)
     # Same global batch (2 ranks x 4 = 8 rows, the same rows): the same gradients up to the
     # order of float additions, so the curves agree to well within 1%.
     assert max(abs(a - b) / a for a, b in zip(one_losses, two_losses)) < 0.01
     assert one_losses[-1] < one_losses[0]
+
+    # the checkpoint is written by both ranks: each its own safetensors file, under FSDP2 half the state each
+    shards = sorted(two_store.local_path(double, "checkpoints/step-00000016/state").glob("*.safetensors"))
+    assert len(shards) == 2, shards
+    if parallelism == "fsdp":
+        from safetensors import safe_open
+
+        elements = []
+        for shard in shards:
+            with safe_open(str(shard), "pt") as handle:
+                elements.append(sum(handle.get_slice(k).get_shape()[0] for k in handle.keys()
+                                    if handle.get_slice(k).get_shape()))
+        assert abs(elements[0] - elements[1]) <= 0.05 * sum(elements), f"sharded in halves: {elements}"
+
+    killed = copy_inputs(store, tmp_path / "killed", [packed, tok])
+    kill_mid_run(tmp_path / "killed", f"parallel_config(2, {parallelism!r})", (packed, tok))
+    resumed = pretrain.STAGE.run(parallel_config(2, parallelism), [packed, tok], killed)
+    resumed_log = killed.local_path(resumed, "train.log").read_text()
+    assert re.search(r"resumed from step-00000008 \(step 8\)", resumed_log)
+    assert losses(killed, resumed) == two_losses, "the same per-step losses as the uninterrupted run"
+    from model.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(two_store.local_path(double, "model"))
+    assert model.config.n_kv_head == 2 and not model.config.tie_embeddings, "the final model is whole"
 
 
 def test_bad_inputs_are_clear_errors(data, tmp_path):
@@ -144,3 +187,21 @@ def test_bad_inputs_are_clear_errors(data, tmp_path):
         pretrain.STAGE.run(config(), [packed, other], store)
     with pytest.raises(ConfigError, match="fewer than one batch"):
         pretrain.STAGE.run(config(batch_size=10_000), [packed, tok], store)
+
+
+def test_the_launch_configs_load_through_accelerate_and_the_presets_use_them():
+    """Accelerate only launches; what each preset asks of it must be a config accelerate reads."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from flows.config import load_config
+    from model.launch import ACCELERATE_CONFIGS, accelerate_command
+
+    loaded = {path.stem: load_config_from_file(str(path)) for path in ACCELERATE_CONFIGS.glob("*.yaml")}
+    assert set(loaded) == {"single_gpu", "multi_gpu"}
+    assert str(loaded["multi_gpu"].distributed_type).endswith("MULTI_GPU")
+    for preset in ("tiny", "small", "medium", "1b"):
+        launch = load_config(preset).pretrain.launch
+        command, _ = accelerate_command("model.train", Path("run.json"), launch)
+        if launch.accelerate_config:
+            assert str(ACCELERATE_CONFIGS / f"{launch.accelerate_config}.yaml") in command
+    assert load_config("1b").pretrain.launch.parallelism == "fsdp"

@@ -27,7 +27,7 @@ from pipelines.common import InputError, TransientError, document_shards, read_s
 from pipelines.charset import charset_codecs, decode_text
 from pipelines.ingest import STAGE, IngestConfig
 from pipelines.ingest.payload import decode_payload
-from pipelines.ingest.records import SCHEMA, empty_counts, parse_warc_date
+from pipelines.ingest.records import SCHEMA, SKIP_REASONS, empty_counts, parse_warc_date
 from pipelines.ingest.warc import RawReader, read_documents
 from storage import ArtifactStore
 
@@ -80,9 +80,10 @@ def expected_counts(path):
     return counts
 
 
-def members(path):
-    """The gzip members of a per-record-gzipped WARC file."""
-    data, found, pos = Path(path).read_bytes(), [], 0
+def members(path_or_data):
+    """The gzip members of a per-record-gzipped WARC file (a path, or its bytes)."""
+    data = path_or_data if isinstance(path_or_data, bytes) else Path(path_or_data).read_bytes()
+    found, pos = [], 0
     while pos < len(data):
         inflater = zlib.decompressobj(31)
         inflater.decompress(data[pos:])
@@ -487,3 +488,106 @@ def test_a_changed_crawl_file_is_a_new_artifact(tmp_path):
     _, after = ingest(tmp_path, [crawl], store=store)
     assert after.fingerprint != before.fingerprint
     assert after.stats["documents"] == 29
+
+
+# ---------------------------------------------------------------- every record accounted for
+
+
+def accounted(counts) -> bool:
+    return counts["records"] == counts["documents"] + sum(counts[f"skipped_{r}"] for r in SKIP_REASONS)
+
+
+def http_record(i: int, claim_extra: int = 0) -> bytes:
+    """One response record, with a Content-Length `claim_extra` bytes more than it holds."""
+    body = f"<html><body><p>page {i} ".encode() + b"x" * 300 + b"</p></body></html>"
+    http = b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n\r\n" + body
+    head = (f"WARC/1.0\r\nWARC-Type: response\r\nWARC-Target-URI: http://example.com/{i}\r\n"
+            f"WARC-Date: 2024-01-01T00:00:00Z\r\nWARC-Record-ID: <urn:uuid:{i:08d}-0000-0000-0000-000000000000>\r\n"
+            f"Content-Type: application/http; msgtype=response\r\nContent-Length: {len(http) + claim_extra}\r\n\r\n")
+    return head.encode() + http + b"\r\n\r\n"
+
+
+def test_a_record_longer_than_its_member_does_not_swallow_the_next(tmp_path):
+    path = tmp_path / "six.warc.gz"
+    path.write_bytes(b"".join(gzip.compress(http_record(i, 1500 if i == 2 else 0)) for i in range(6)))
+    with open(path, "rb") as handle:
+        assert sum(1 for _ in ArchiveIterator(handle)) == 6, "warcio reads all six"
+    documents, counts = read_counts(path)
+    assert counts["records"] == 6 and counts["skipped_truncated"] == 1 and accounted(counts)
+    assert [d["url"] for d in documents] == [f"http://example.com/{i}" for i in (0, 1, 3, 4, 5)]
+
+
+@needs_data
+@pytest.mark.parametrize("path", [ARCHIVE_ORG, CLUEWEB_JA, ALIAS], ids=["warc0.17", "clueweb-warc0.18", "alias"])
+def test_every_record_of_the_real_files_is_accounted_for(tmp_path, path):
+    _, counts = read_counts(path)
+    with open(path, "rb") as handle:
+        assert counts["records"] == sum(1 for _ in ArchiveIterator(handle))
+    assert accounted(counts)
+    _, manifest = ingest(tmp_path, [path])
+    sidecar = json.loads(ArtifactStore(tmp_path / "store").local_path(manifest, "sources/00000.json").read_text())
+    assert accounted(sidecar["counts"]) and manifest.stats["records"] == counts["records"]
+
+
+def damaged_variants(data: bytes, rng: random.Random, count: int):
+    """(kind, damaged bytes, index of the one damaged member or None) of a gzipped WARC."""
+    parts = members(data)
+    kinds = ("truncate", "flip", "garbage", "length", "plain", "flip-member")
+    for n in range(count):
+        kind = kinds[n % len(kinds)]
+        k = rng.randrange(len(parts))
+        if kind == "truncate":
+            yield kind, data[:rng.randrange(len(data))], None
+        elif kind == "flip":
+            damaged = bytearray(data)
+            for _ in range(rng.randint(1, 10)):
+                damaged[rng.randrange(len(damaged))] ^= 1 << rng.randrange(8)
+            yield kind, bytes(damaged), None
+        elif kind == "garbage":
+            at = rng.choice([sum(map(len, parts[:k])), rng.randrange(len(data))])
+            yield kind, data[:at] + rng.randbytes(rng.randint(1, 2000)) + data[at:], None
+        elif kind == "length":  # a Content-Length that lies, either way
+            record = gzip.decompress(parts[k])
+            wrong = re.sub(rb"Content-Length: (\d+)", lambda m: b"Content-Length: %d" % max(
+                0, int(m.group(1)) + rng.choice([-200, -1, 1, 500, 10**6])), record, count=1)
+            yield kind, b"".join(parts[:k]) + gzip.compress(wrong) + b"".join(parts[k + 1:]), k
+        elif kind == "plain":  # some members stored uncompressed between gzipped ones
+            plain = {rng.randrange(len(parts)) for _ in range(rng.randint(1, 3))} - {0}
+            yield kind, b"".join(gzip.decompress(p) if i in plain else p for i, p in enumerate(parts)), None
+        else:  # bytes flipped inside one member's compressed data
+            member = bytearray(parts[k])
+            for _ in range(rng.randint(1, 5)):
+                member[rng.randrange(10, len(member))] ^= 0xFF
+            yield kind, b"".join(parts[:k]) + bytes(member) + b"".join(parts[k + 1:]), k
+
+
+@needs_data
+def test_fuzz_damaged_warcs_never_crash_and_lose_no_record(tmp_path):
+    """240 damaged variants of the real files: every one reads without a crash (or is refused as
+    not a WARC file, in one line), every record read is counted once, and where one member is
+    damaged, every document of the other members is still kept."""
+    rng = random.Random(20261205)
+    checked = 0
+    for source in (CLUEWEB_JA, ALIAS):
+        data = source.read_bytes()
+        intact = {d["warc_record_id"]: i for i, part in enumerate(members(data))
+                  for d in read_counts_bytes(tmp_path, part)[0]}
+        for kind, damaged, member in damaged_variants(data, rng, 120):
+            try:
+                documents, counts = read_counts_bytes(tmp_path, damaged)
+            except InputError as err:
+                assert "not a WARC file" in str(err) and "\n" not in str(err), (kind, err)
+                continue
+            assert accounted(counts), (kind, counts)
+            if member is not None:
+                kept = {d["warc_record_id"] for d in documents}
+                lost = [r for r, i in intact.items() if i != member and r not in kept]
+                assert not lost, f"{kind}: records of intact members lost: {lost}"
+            checked += 1
+    assert checked >= 200
+
+
+def read_counts_bytes(tmp_path, data: bytes):
+    path = tmp_path / "variant.warc.gz"
+    path.write_bytes(data)
+    return read_counts(path)

@@ -169,3 +169,67 @@ def test_s3_store_commits_with_the_manifest_last(s3_bucket):
     assert store.get("demo", manifest.fingerprint) is None
     rebuilt = produce(store)
     assert [f.sha256 for f in rebuilt.files] == [f.sha256 for f in manifest.files]
+
+
+def test_a_same_size_damage_is_never_served(tmp_path, caplog):
+    """Reliability defect 1: one byte flipped in the middle of a committed file, its size (and
+    even its modification time) unchanged, used to be served as intact."""
+    store = ArtifactStore(tmp_path)
+    manifest = produce(store, build=lambda w: w.write_bytes("shard.bin", bytes(range(256)) * 64) or {})
+    path = store.local_path(manifest, "shard.bin")
+    before = path.stat()
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01
+    path.write_bytes(bytes(damaged))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # the same size and mtime
+    with caplog.at_level("WARNING", logger="kiln.storage"):
+        assert store.get("demo", manifest.fingerprint) is None
+    assert f"{path}: sha256 differs from the manifest; the artifact will be rebuilt" in caplog.text
+    calls = []
+    rebuilt = produce(store, build=lambda w: calls.append(1) or w.write_bytes("shard.bin", bytes(range(256)) * 64))
+    assert calls == [1] and rebuilt.file("shard.bin").sha256 == manifest.file("shard.bin").sha256
+    assert store.get("demo", manifest.fingerprint) is not None
+
+
+def test_an_unchanged_artifact_is_not_hashed_again(tmp_path, monkeypatch):
+    """The cost of verification: a file is hashed when it changed since its sha256 last matched."""
+    import storage.store
+
+    store = ArtifactStore(tmp_path)
+    manifest = produce(store)
+    hashed = []
+    real = storage.store.sha256_of
+    monkeypatch.setattr(storage.store, "sha256_of", lambda fs, path, **kw: hashed.append(path) or real(fs, path))
+    for _ in range(3):
+        assert store.get("demo", manifest.fingerprint) is not None
+    assert hashed == [], "stamps recorded at commit: nothing to hash"
+    os.utime(store.local_path(manifest, "a.txt"))  # touched, not changed
+    assert store.get("demo", manifest.fingerprint) is not None
+    assert store.get("demo", manifest.fingerprint) is not None
+    assert [os.path.basename(p) for p in hashed] == ["a.txt"], "hashed once, then its new stamp is trusted"
+
+
+def test_no_temporary_file_survives_into_a_committed_artifact(tmp_path):
+    """Reliability defect 3: a kill left `…parquet.tmp-…` files in the staging directory, and the
+    rerun committed them inside the artifact (not in its manifest, but in its shards folder)."""
+    from storage import TEMP_MARK
+
+    store = ArtifactStore(tmp_path)
+    staging = tmp_path / "demo" / (".staging-" + "f" * 64)
+    (staging / "shards").mkdir(parents=True)
+    (staging / "shards" / f"00001.parquet{TEMP_MARK}3f9a2c1d").write_bytes(b"half a shard")
+    (staging / "index" / f".band_009.hashes.npy{TEMP_MARK}77aa").mkdir(parents=True)
+    manifest = produce(store)
+    committed = tmp_path / "demo" / ("f" * 64)
+    assert not [p for p in committed.rglob("*") if TEMP_MARK in p.name], "leftovers removed on resume"
+    assert sorted(f.path for f in manifest.files) == ["a.txt", "sub/b.json"]
+
+    def leaves_a_temporary(writer):
+        build_two_files(writer)
+        (writer.local_path("shards") / f"00002.parquet{TEMP_MARK}0000").parent.mkdir(parents=True, exist_ok=True)
+        (writer.local_path("shards") / f"00002.parquet{TEMP_MARK}0000").write_bytes(b"x")
+        return {}
+
+    with pytest.raises(StorageError, match="a temporary file in the artifact being committed"):
+        produce(store, fp="e" * 64, build=leaves_a_temporary)
+    assert store.get("demo", "e" * 64) is None
