@@ -1,12 +1,13 @@
 """Kill -9 at random moments in every stage of `kiln data`, then rerun: identical artifacts, no leftovers.
 
-    python bench/kill.py [--trials 20] [--seed N] [--out bench/results/kill.json]
+    python bench/kill.py [--trials 24] [--seed N] [--out bench/results/kill.json]
 
 One uninterrupted `kiln data` (sample crawl -> ingest -> clean -> dedup -> tokenizer -> pack, on
 a cut-down sample crawl) is the reference. Each trial starts the same command on a data
-directory of its own, kills its whole process group (the CLI, its Prefect server, the stage's
-workers) with SIGKILL at a moment drawn from its own slice of the reference's duration (so the
-trials spread over every stage), then reruns the command to completion and checks:
+directory of its own and aims at one stage, in turn: once that stage has begun building (its
+staging directory appears), it waits a random part of the time the stage took in the reference,
+then kills the whole process group (the CLI, its Prefect server, the stage's workers) with
+SIGKILL. Then it reruns the command to completion and checks:
 
 * every stage's manifest lists the same files with the same sha256s as the reference;
 * no temporary file (`*.tmp-*`) and no staging directory is left anywhere under the data root.
@@ -59,9 +60,20 @@ def building(data: Path) -> list[str]:
     return sorted({p.parent.name for p in data.glob("*/.staging-*")}, key=lambda s: STAGES.index(s) if s in STAGES else 99)
 
 
+def wait_for_stage(data: Path, stage: str, process: subprocess.Popen, deadline: float) -> bool:
+    """Until the stage has begun building (or is already built); False if the run ended first."""
+    while time.time() < deadline:
+        if any((data / stage).glob(".staging-*")) or any((data / stage).glob("*/_manifest.json")):
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.01)
+    return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kill.json")
     args = parser.parse_args()
@@ -79,15 +91,20 @@ def main() -> None:
     if reference.returncode != 0:
         sys.exit(f"the reference run failed:\n{output}")
     expected = artifacts(work / "reference")
+    took = {stage: max(0.05, float(ArtifactStore(work / "reference").list(stage)[0].stats.get("seconds") or 0.05))
+            for stage in STAGES}
     print(f"reference `kiln data`: {duration:.1f} s; seed {seed}; data under {work}")
+    print("stage seconds in the reference: " + ", ".join(f"{s} {t:.1f}" for s, t in took.items()))
 
     results, failures = [], 0
     for trial in range(args.trials):
         data = work / f"trial-{trial:02d}"
-        slot = (0.25 + 0.7 * trial / args.trials, 0.25 + 0.7 * (trial + 1) / args.trials)
-        moment = rng.uniform(*slot) * duration
+        aim = STAGES[trial % len(STAGES)]
         victim = kiln(data, env)
-        time.sleep(moment)
+        started = time.perf_counter()
+        wait_for_stage(data, aim, victim, time.time() + 600)
+        time.sleep(rng.uniform(0, 0.9) * took[aim])
+        moment = time.perf_counter() - started
         os.killpg(victim.pid, signal.SIGKILL)
         victim.wait()
         killed_in = building(data) or ["(between stages)"]
@@ -97,9 +114,9 @@ def main() -> None:
         left = leftovers(data)
         ok = same and not left
         failures += not ok
-        results.append({"trial": trial, "moment_s": round(moment, 2), "killed_in": killed_in,
+        results.append({"trial": trial, "aimed_at": aim, "moment_s": round(moment, 2), "killed_in": killed_in,
                         "identical": same, "leftovers": left[:5], "ok": ok})
-        print(f"trial {trial:2d}: killed at {moment:5.1f} s in {', '.join(killed_in):20s} "
+        print(f"trial {trial:2d}: aimed at {aim:12s} killed at {moment:5.1f} s in {', '.join(killed_in):20s} "
               f"rerun {'identical' if same else 'DIFFERENT'}, {len(left)} leftovers")
         if not ok:
             print(output[-3000:])

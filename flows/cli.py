@@ -29,6 +29,10 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a s
 DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Artifact store: a directory or fsspec URL (default ./data or $KILN_DATA).")]
 InputOpt = Annotated[Optional[list[str]], typer.Option("--input", help="Crawl input: WARC path, glob or URL (repeatable). None: the offline sample crawl.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rebuild this command's stages even when cached.")]
+ExecutorOpt = Annotated[Optional[str], typer.Option(
+    "--executor", help="Where the data stages run their units: local (a process pool, the default) or ray.")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(
+    "--ray-address", help="The Ray cluster for --executor ray (default: $RAY_ADDRESS, else a local Ray).")]
 
 UI_URL = "http://127.0.0.1:4200"
 
@@ -38,13 +42,17 @@ def _stage_command(command: str, until: str, help_text: str, whole_chain: bool):
     stage, or every stage of the chain for the chain commands (corpus, data, run)."""
 
     def run(config: ConfigOpt = None, set_: SetOpt = None, data_dir: DataDirOpt = None,
-            input_: InputOpt = None, force: ForceOpt = False) -> None:
+            input_: InputOpt = None, force: ForceOpt = False, executor: ExecutorOpt = None,
+            ray_address: RayAddressOpt = None) -> None:
         from flows.config import load_config
         from flows.pipeline import pipeline_flow
         from flows.summary import print_summary
         from pipelines.ingest import expand_inputs
 
-        cfg = load_config(config, list(set_ or []))
+        runtime = [f"{e.section}.{key}={value}" for e in TABLE for key, value in
+                   (("executor", executor), ("ray_address", ray_address))
+                   if value is not None and key in e.stage.config_cls.model_fields]
+        cfg = load_config(config, [*runtime, *(set_ or [])])
         if input_:
             cfg.ingest.inputs = list(input_)
         expand_inputs(cfg.ingest)  # a missing path or empty glob fails here, before Prefect starts

@@ -51,14 +51,12 @@ from pipelines.common import (
     InputError,
     Progress,
     Stage,
-    StageConfig,
-    default_workers,
     document_shards,
     merge_counts,
-    parallel_map,
     read_shard,
     shard_name,
 )
+from pipelines.executor import ParallelStageConfig, executor_for
 from pipelines.words import ENGLISH_WORDS
 from storage import ArtifactStore, ArtifactWriter, Manifest
 
@@ -72,8 +70,7 @@ STATS_KEY = b"kiln.clean.stats"  # a shard's counts, kept in its Parquet metadat
 # ------------------------------------------------------------------ config
 
 
-class CleanConfig(StageConfig):
-    workers: int = Field(default_factory=default_workers, ge=1, description="Worker processes (runtime only).")
+class CleanConfig(ParallelStageConfig):
     write_rejected: bool = Field(
         False, description="Also write rejected documents to rejected/<filter>/NNNNN.parquet, with the reason."
     )
@@ -294,15 +291,15 @@ def build_clean(
 
     started = time.perf_counter()
     processed, step_seconds = 0, {}
-    with Progress("clean", total, unit="docs") as bar:
+    with executor_for(config, store) as executor, Progress("clean", total, unit="docs", units=len(shards)) as bar:
         bar.advance(sum(r["documents_in"] for r in results if r))
-        for task, result in zip(todo, parallel_map(_clean_shard, todo, config.workers)):
+        for task, (result, node) in zip(todo, executor.map(_clean_shard, todo)):
             results[task.index] = result["counts"]
             processed += result["counts"]["documents_in"]
             merge_counts(step_seconds, result["step_seconds"])
-            bar.advance(result["counts"]["documents_in"])
+            bar.unit_done(node, result["counts"]["documents_in"], task.relpath)
     wall = time.perf_counter() - started
-    return _stats(results, processed, wall, step_seconds, resumed=len(shards) - len(todo))
+    return {**_stats(results, processed, wall, step_seconds, resumed=len(shards) - len(todo)), **executor.stats()}
 
 
 def _stats(results, processed, wall, step_seconds, resumed) -> dict[str, Any]:

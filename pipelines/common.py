@@ -1,4 +1,4 @@
-"""What every data stage shares: parallel map, progress, document shards.
+"""What every data stage shares: progress, document shards (units run in pipelines/executor.py).
 
 The stage protocol itself (`Stage`, `StageConfig`, the errors) lives in `storage/stage.py`,
 so that `model/` stages use it too; it is re-exported here. Nothing here knows about Prefect.
@@ -7,13 +7,11 @@ so that `model/` stages use it too; it is re-exported here. Nothing here knows a
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 from storage import ArtifactStore, Manifest
@@ -27,45 +25,22 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-# ------------------------------------------------------------------ parallel work
-
-
-def default_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)))
-
-
-def parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
-    """`map(fn, items)` over worker processes, results in input order.
-
-    Forkserver rather than fork: the caller may be a Prefect worker with threads running, and
-    forking a threaded process can deadlock. `fn` must be a module-level function.
-    """
-    items = list(items)
-    if workers <= 1 or len(items) <= 1:
-        yield from map(fn, items)
-        return
-    context = multiprocessing.get_context("forkserver")
-    # Workers fork from a server that has already imported the stage's module (and pyarrow,
-    # trafilatura, ... with it), instead of importing them again in every worker.
-    context.set_forkserver_preload([fn.__module__])
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=context)
-    try:
-        yield from pool.map(fn, items)
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)  # fail fast: don't finish the other items first
-        raise
-    pool.shutdown(wait=True)
-
-
 # ------------------------------------------------------------------ progress
 
 
 class Progress:
-    """A progress bar on a terminal (rich), periodic log lines elsewhere (Prefect workers, CI)."""
+    """A progress bar on a terminal (rich), periodic log lines elsewhere (Prefect workers, CI).
 
-    def __init__(self, description: str, total: int | None, unit: str = "items"):
+    Stages that run units (pipelines/executor.py) report each finished unit with the node that
+    ran it (`unit_done`): the bar and the log lines then say units finished / total, the rate,
+    and which nodes ran what.
+    """
+
+    def __init__(self, description: str, total: int | None, unit: str = "items", units: int | None = None):
         self.description, self.total, self.unit = description, total, unit
+        self.units, self.units_done = units, 0
         self.done = 0
+        self.by_node: dict[str, int] = {}
         self._bar = None
         self._last_log = 0.0
         self._started = time.perf_counter()
@@ -77,20 +52,50 @@ class Progress:
 
             self._bar = RichProgress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn(self.unit), TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
+                TextColumn(self.unit), TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[units]}"),
+                TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
             )
             self._bar.start()
-            self._task = self._bar.add_task(self.description, total=self.total)
+            self._task = self._bar.add_task(self.description, total=self.total, rate="", units="")
         return self
+
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self._started
+        return self.done / elapsed if elapsed > 0 else 0.0
 
     def advance(self, amount: int = 1) -> None:
         self.done += amount
         if self._bar is not None:
-            self._bar.advance(self._task, amount)
+            self._bar.update(self._task, advance=amount, rate=f"{self.rate():,.0f} {self.unit}/s")
         elif time.perf_counter() - self._last_log > 10:
-            self._last_log = time.perf_counter()
-            of_total = f"/{self.total}" if self.total else ""
-            log.info("%s: %d%s %s", self.description, self.done, of_total, self.unit)
+            self._log()
+
+    def unit_done(self, node: str, amount: int = 0, name: str = "") -> None:
+        """A unit finished on `node`, with `amount` more of the bar's items."""
+        self.units_done += 1
+        self.by_node[node] = self.by_node.get(node, 0) + 1
+        if self._bar is not None:
+            self._bar.update(self._task, units=self._units_text())
+            self.advance(amount)
+            return
+        self.done += amount
+        if self.units is not None and self.units <= 100 or time.perf_counter() - self._last_log > 10:
+            self._log(f"{name} on {node}" if name else "")
+
+    def _units_text(self) -> str:
+        of = f"/{self.units}" if self.units is not None else ""
+        nodes = ", ".join(f"{node} x{count}" for node, count in sorted(self.by_node.items()))
+        return f"{self.units_done}{of} units ({nodes})" if self.by_node else ""
+
+    def _log(self, last: str = "") -> None:
+        self._last_log = time.perf_counter()
+        of_total = f"/{self.total}" if self.total else ""
+        parts = [f"{self.done:,}{of_total} {self.unit}", f"{self.rate():,.1f} {self.unit}/s"]
+        if self.units_done:
+            parts.append(self._units_text())
+        if last:
+            parts.append(f"last: {last}")
+        log.info("%s: %s", self.description, ", ".join(parts))
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:

@@ -1,7 +1,7 @@
 """The pack stage: documents -> token rows of `seq_len + 1` ids, ready for training.
 
 Inputs: a document artifact (dedup, clean: `shards/*.parquet` with `id`, `text`) and a tokenizer
-artifact (`tokenizer.json`). Output: `train/NNNNN.parquet` and `val/NNNNN.parquet`, one row per
+artifact (`tokenizer.json`). Output: `train/*.parquet` and `val/*.parquet`, one row per
 training sequence in a fixed-size list column `tokens` (uint16 when the vocabulary fits, else
 int32). A row gives the inputs `row[:-1]` and the targets `row[1:]`.
 
@@ -24,10 +24,15 @@ Then, per split, one of two policies:
   fits is padded (PAD, which the loader masks out of the loss). On real documents at seq_len
   2048 this pads under 1% of the row slots; nanochat's crop-to-fill loses a third of the tokens.
 
-Tokenizing is the work: worker processes (`parallel_map`) each read a part of the input shards,
-split and encode it with one thread; this process packs and writes, in corpus order, so the
-output does not depend on the number of workers. Memory: a few input parts in flight, the
-best-fit buffer, and one output shard per split.
+The work is cut into units of consecutive input shards (about `unit_bytes` of Parquet each);
+a unit encodes its shards in order, packs them with its own packer per split and writes its
+own output shards, `train/UUUUU-NNNN.parquet` (unit, shard). Units run in parallel on the
+stage's executor (a process pool, or Ray tasks on a cluster, see pipelines/executor.py); the
+cut depends on the corpus and the settings alone, so the rows are the same whichever executor
+and however many workers packed them. A unit's record (`units/UUUUU.json`, written last) marks
+it done: a killed build resumes from the units it finished. A unit's last row per split is
+padded, as the corpus's last row was. Memory per unit: one input shard, the best-fit buffer,
+and one output shard per split.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import itertools
-import math
+import json
 import os
 import time
 from collections import deque
@@ -46,19 +51,18 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from pipelines.common import (InputError, Progress, Stage, StageConfig, default_workers, document_shards,
-                              parallel_map)
+from pipelines.common import InputError, Progress, Stage, document_shards
+from pipelines.executor import ParallelStageConfig, executor_for
 from pipelines.tokenizer import BOS, PAD, TOKENIZER_FILE, load_tokenizer
 from storage import ArtifactStore, ArtifactWriter, Manifest
 
 SPLITS = ("train", "val")
 ROW_GROUP_BYTES = 8 << 20   # uncompressed bytes per Parquet row group: the loader's unit of reading
-TASK_BYTES = 8 << 20        # input Parquet bytes per tokenizing task at most (~20 MB of text)
-MAX_PARTS = 8               # tokenizing tasks per input shard at most (each reads the whole shard)
+UNITS_DIR = "units"         # `units/NNNNN.json`: a finished unit's shards and counts, written last
 
 
-class PackConfig(StageConfig):
-    runtime_fields: ClassVar[frozenset[str]] = frozenset({"workers", "encode_batch_size"})
+class PackConfig(ParallelStageConfig):
+    runtime_fields: ClassVar[frozenset[str]] = ParallelStageConfig.runtime_fields | {"encode_batch_size"}
 
     seq_len: int = Field(256, ge=1, description="Tokens a model sees per row; rows hold seq_len + 1 "
                                                 "(the inputs and the targets, shifted by one).")
@@ -70,10 +74,10 @@ class PackConfig(StageConfig):
                                             "a document's `split` column (\"train\"/\"val\"), where the shards "
                                             "have one, decides instead.")
     shard_target_bytes: int = Field(256 << 20, ge=1, description="Uncompressed bytes of tokens per output shard.")
+    unit_bytes: int = Field(512 << 20, ge=1, description="Input Parquet bytes per unit of work: consecutive input "
+                                                         "shards are packed together up to this size.")
     best_fit_buffer_rows: int = Field(1024, ge=1, description="best_fit: documents buffered, in rows' worth of tokens.")
     encode_batch_size: int = Field(512, ge=1, description="Documents per tokenizer call.")
-    workers: int = Field(default_factory=default_workers, ge=1,
-                         description="Tokenizing processes; with 1, the tokenizer's own threads (RAYON_NUM_THREADS).")
 
 
 # ------------------------------------------------------------------ tokenizer
@@ -112,17 +116,16 @@ def is_validation(doc_id: str, val_fraction: float) -> bool:
 
 
 @dataclass(frozen=True)
-class _EncodeTask:
-    store_url: str
-    storage_options: dict
+class _PackTask:
+    """One unit: consecutive input shards, packed into this unit's own output shards."""
+
+    index: int
+    shards: tuple[str, ...]
     documents: Manifest
-    shard: str
-    part: int           # this task takes rows [part/parts, (part+1)/parts) of the shard
-    parts: int
     tokenizer: Manifest
-    val_fraction: float
-    batch_size: int
-    one_thread: bool    # in a worker process: the processes are the parallelism
+    config: "PackConfig"
+    writer: ArtifactWriter
+    one_thread: bool    # several units at once on this machine: the processes are the parallelism
 
 
 @dataclass
@@ -147,13 +150,14 @@ def _tokenizer_for(manifest: Manifest, store: ArtifactStore):
     return _TOKENIZERS[key]
 
 
-def _read_documents(store: ArtifactStore, task: _EncodeTask) -> tuple[list[str], list[str | None], list[str | None]]:
+def _read_documents(store: ArtifactStore, documents: Manifest,
+                    relpath: str) -> tuple[list[str], list[str | None], list[str | None]]:
     """ids, texts and splits (the `split` column, or all None where the shard has none)."""
     import pyarrow.parquet as pq
 
-    where = store.uri(task.documents, task.shard)
+    where = store.uri(documents, relpath)
     try:
-        with store.open(task.documents, task.shard) as handle:
+        with store.open(documents, relpath) as handle:
             shard = pq.ParquetFile(handle)
             names = shard.schema_arrow.names
             missing = [c for c in ("id", "text") if c not in names]
@@ -163,29 +167,23 @@ def _read_documents(store: ArtifactStore, task: _EncodeTask) -> tuple[list[str],
     except (pa.ArrowException, OSError, ValueError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise InputError(f"{where}: not a readable Parquet shard ({reason})") from None
-    start = table.num_rows * task.part // task.parts
-    stop = table.num_rows * (task.part + 1) // task.parts
-    table = table.slice(start, stop - start)
     ids = table.column("id").to_pylist()
     if None in ids:
-        raise InputError(f"{where}: a document without an id (row {start + ids.index(None)})")
+        raise InputError(f"{where}: a document without an id (row {ids.index(None)})")
     splits = table.column("split").to_pylist() if "split" in table.column_names else [None] * len(ids)
     bad = next((i for i, s in enumerate(splits) if s is not None and s not in SPLITS), None)
     if bad is not None:
-        raise InputError(f"{where}: row {start + bad} has split {splits[bad]!r}; expected 'train', 'val' or null")
+        raise InputError(f"{where}: row {bad} has split {splits[bad]!r}; expected 'train', 'val' or null")
     return [str(i) for i in ids], table.column("text").to_pylist(), splits
 
 
-def encode_part(task: _EncodeTask) -> _Encoded:
-    if task.one_thread:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by tokenizers at each call
-    store = ArtifactStore(task.store_url, **task.storage_options)
-    tokenizer = _tokenizer_for(task.tokenizer, store)
-    bos, _ = special_ids(tokenizer, store.uri(task.tokenizer, TOKENIZER_FILE))
-    ids, texts, splits = _read_documents(store, task)
+def encode_shard(store: ArtifactStore, task: _PackTask, relpath: str, tokenizer, bos: int) -> _Encoded:
+    """One input shard's documents as token ids, each led by BOS, with its split."""
+    ids, texts, splits = _read_documents(store, task.documents, relpath)
+    batch_size = task.config.encode_batch_size
     pieces, lengths, is_val = [], [], []
-    for start in range(0, len(texts), task.batch_size):
-        batch = [t or "" for t in texts[start:start + task.batch_size]]
+    for start in range(0, len(texts), batch_size):
+        batch = [t or "" for t in texts[start:start + batch_size]]
         encoded = [e.ids for e in tokenizer.encode_batch_fast(batch, add_special_tokens=False)]
         keep = [i for i, doc in enumerate(encoded) if doc]  # an empty text is no document
         count = sum(len(encoded[i]) + 1 for i in keep)
@@ -193,7 +191,7 @@ def encode_part(task: _EncodeTask) -> _Encoded:
                                   dtype=np.uint32, count=count))
         lengths.extend(len(encoded[i]) + 1 for i in keep)
         is_val.extend(splits[start + i] == "val" if splits[start + i] is not None
-                      else is_validation(ids[start + i], task.val_fraction) for i in keep)
+                      else is_validation(ids[start + i], task.config.val_fraction) for i in keep)
     return _Encoded(
         tokens=np.concatenate(pieces) if pieces else np.zeros(0, np.uint32),
         lengths=np.array(lengths, dtype=np.int64), is_val=np.array(is_val, dtype=bool), documents_in=len(texts),
@@ -302,11 +300,13 @@ class BestFitPacker:
 
 
 class ShardSink:
-    """Rows of one split, written as `split/NNNNN.parquet` shards of `rows_per_shard` rows."""
+    """Rows of one split from one unit, written as `split/UUUUU-NNNN.parquet` shards of
+    `rows_per_shard` rows (UUUUU: the unit, NNNN: its shard)."""
 
-    def __init__(self, writer: ArtifactWriter, split: str, row_len: int, dtype: np.dtype, pad: int,
+    def __init__(self, writer: ArtifactWriter, split: str, unit: int, row_len: int, dtype: np.dtype, pad: int,
                  rows_per_shard: int):
-        self.writer, self.split, self.row_len, self.dtype, self.pad = writer, split, row_len, dtype, pad
+        self.writer, self.split, self.unit = writer, split, unit
+        self.row_len, self.dtype, self.pad = row_len, dtype, pad
         self.rows_per_shard = rows_per_shard
         self.pending: list[np.ndarray] = []
         self.pending_rows = 0
@@ -327,7 +327,7 @@ class ShardSink:
         rows = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
         shard, rest = rows[:count], rows[count:]
         self.pending, self.pending_rows = ([rest] if len(rest) else []), len(rest)
-        relpath = f"{self.split}/{len(self.shards):05d}.parquet"
+        relpath = f"{self.split}/{self.unit:05d}-{len(self.shards):04d}.parquet"
         self.shards[relpath] = {"rows": len(shard), "tokens": int(np.count_nonzero(shard != self.pad))}
         if self.writer.done(relpath):
             self.writer.record_rows(relpath, len(shard))
@@ -353,24 +353,67 @@ def _check_inputs(inputs: list[Manifest], store: ArtifactStore):
     return documents, tokenizer_manifest, tokenizer.get_vocab_size(with_added_tokens=True), bos, pad
 
 
-def _plan(config: PackConfig, documents: Manifest, tokenizer: Manifest, store: ArtifactStore) -> list[_EncodeTask]:
-    """Parts of shards, so that the workers share the work evenly to the end: about four parts per
-    worker on a small corpus, none over TASK_BYTES on a large one. A part reads its whole shard
-    (~1% of the time it takes to tokenize it, hence at most MAX_PARTS parts a shard) and takes a
-    slice of the rows; the parts come back in order, so how the work is cut never changes the output."""
+def _plan(config: PackConfig, documents: Manifest, tokenizer: Manifest, writer: ArtifactWriter) -> list[_PackTask]:
+    """Units of consecutive input shards, about `unit_bytes` of Parquet each. The cut depends on
+    the corpus and the settings alone, never on the executor or the number of workers, so the
+    rows are the same wherever they were packed."""
     shards = document_shards(documents)
-    sizes = [documents.file(s).bytes for s in shards]
-    task_bytes = TASK_BYTES
-    if config.workers > 1:
-        task_bytes = max(1, min(TASK_BYTES, sum(sizes) // (4 * config.workers)))
-    one_thread = config.workers > 1
-    return [
-        _EncodeTask(store.url, store.storage_options, documents, shard, part, parts, tokenizer,
-                    config.val_fraction, config.encode_batch_size, one_thread)
-        for shard, size in zip(shards, sizes)
-        for parts in [min(MAX_PARTS, max(1, math.ceil(size / task_bytes)))]
-        for part in range(parts)
-    ]
+    groups: list[list[str]] = [[]]
+    size = 0
+    for shard in shards:
+        if groups[-1] and size >= config.unit_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(shard)
+        size += documents.file(shard).bytes
+    one_thread = config.executor == "ray" or (config.workers > 1 and len(groups) > 1)
+    return [_PackTask(i, tuple(group), documents, tokenizer, config, writer, one_thread)
+            for i, group in enumerate(groups)]
+
+
+def _unit_name(index: int) -> str:
+    return f"{UNITS_DIR}/{index:05d}.json"
+
+
+def pack_unit(task: _PackTask) -> dict[str, Any]:
+    """Encode and pack one unit's shards into its own output shards; its record, written last,
+    marks it done (a resumed build skips it)."""
+    writer, config = task.writer, task.config
+    if writer.done(_unit_name(task.index)):
+        with writer.fs.open(writer.path(_unit_name(task.index)), "rb") as handle:
+            done = json.loads(handle.read())
+        if all(writer.done(path) for path in done["shards"]):
+            return {**done, "resumed": True}
+    if task.one_thread:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by tokenizers at each call
+    store = writer.store
+    tokenizer = _tokenizer_for(task.tokenizer, store)
+    bos, pad = special_ids(tokenizer, store.uri(task.tokenizer, TOKENIZER_FILE))
+    row_len = config.seq_len + 1
+    dtype = token_dtype(tokenizer.get_vocab_size(with_added_tokens=True))
+    rows_per_shard = max(1, config.shard_target_bytes // (row_len * dtype.itemsize))
+    packers = {split: ConcatPacker(row_len, pad) if config.policy == "concat"
+               else BestFitPacker(row_len, bos, pad, config.best_fit_buffer_rows) for split in SPLITS}
+    sinks = {split: ShardSink(writer, split, task.index, row_len, dtype, pad, rows_per_shard) for split in SPLITS}
+    documents_in, docs, tokens_in = 0, dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+    for relpath in task.shards:
+        part = encode_shard(store, task, relpath, tokenizer, bos)
+        documents_in += part.documents_in
+        token_is_val = np.repeat(part.is_val, part.lengths)
+        for split, in_split in (("train", ~part.is_val), ("val", part.is_val)):
+            lengths = part.lengths[in_split]
+            tokens = part.tokens[token_is_val == (split == "val")]
+            docs[split] += len(lengths)
+            tokens_in[split] += len(tokens)
+            sinks[split].add(packers[split].add(tokens, lengths))
+    for split in SPLITS:
+        sinks[split].add(packers[split].finish())
+        sinks[split].finish()
+    done = {"documents_in": documents_in, "documents": docs, "tokens_in": tokens_in,
+            "bos_inserted": sum(p.bos_inserted for p in packers.values()),
+            "shards": {path: info for sink in sinks.values() for path, info in sink.shards.items()}}
+    writer.write_json(_unit_name(task.index), done)
+    return {**done, "resumed": False}
 
 
 def build_pack(config: PackConfig, inputs: list[Manifest], store: ArtifactStore,
@@ -379,40 +422,24 @@ def build_pack(config: PackConfig, inputs: list[Manifest], store: ArtifactStore,
     documents, tokenizer, vocab_size, bos, pad = _check_inputs(inputs, store)
     row_len = config.seq_len + 1
     dtype = token_dtype(vocab_size)
-    rows_per_shard = max(1, config.shard_target_bytes // (row_len * dtype.itemsize))
-
-    def packer():
-        if config.policy == "concat":
-            return ConcatPacker(row_len, pad)
-        return BestFitPacker(row_len, bos, pad, config.best_fit_buffer_rows)
-
-    packers = {split: packer() for split in SPLITS}
-    sinks = {split: ShardSink(writer, split, row_len, dtype, pad, rows_per_shard) for split in SPLITS}
-    documents_in = 0
-    docs = {split: 0 for split in SPLITS}
-    tokens_in = {split: 0 for split in SPLITS}
-    tasks = _plan(config, documents, tokenizer, store)
+    tasks = _plan(config, documents, tokenizer, writer)
     rows_known = [documents.file(s).rows for s in document_shards(documents)]
     total = sum(rows_known) if None not in rows_known else None
-    with Progress("pack", total, unit="docs") as bar:
-        for part in parallel_map(encode_part, tasks, config.workers):
-            documents_in += part.documents_in
-            token_is_val = np.repeat(part.is_val, part.lengths)
-            for split, in_split in (("train", ~part.is_val), ("val", part.is_val)):
-                lengths = part.lengths[in_split]
-                tokens = part.tokens[token_is_val == (split == "val")]
-                docs[split] += len(lengths)
-                tokens_in[split] += len(tokens)
-                sinks[split].add(packers[split].add(tokens, lengths))
-            bar.advance(part.documents_in)
-    for split in SPLITS:
-        sinks[split].add(packers[split].finish())
-        sinks[split].finish()
+    units = []
+    with executor_for(config, store) as executor, Progress("pack", total, unit="docs", units=len(tasks)) as bar:
+        for task, (unit, node) in zip(tasks, executor.map(pack_unit, tasks)):
+            units.append(unit)
+            for path, info in unit["shards"].items():
+                writer.record_rows(path, info["rows"])
+            bar.unit_done(node, unit["documents_in"], f"unit {task.index} ({len(task.shards)} shards)")
 
-    shards = {path: s for sink in sinks.values() for path, s in sink.shards.items()}
-    rows = {split: sum(s["rows"] for s in sinks[split].shards.values()) for split in SPLITS}
-    tokens = {split: sum(s["tokens"] for s in sinks[split].shards.values()) for split in SPLITS}
-    bos_inserted = sum(p.bos_inserted for p in packers.values())
+    shards = {path: info for unit in units for path, info in sorted(unit["shards"].items())}
+    rows = {split: sum(i["rows"] for p, i in shards.items() if p.startswith(f"{split}/")) for split in SPLITS}
+    tokens = {split: sum(i["tokens"] for p, i in shards.items() if p.startswith(f"{split}/")) for split in SPLITS}
+    docs = {split: sum(u["documents"][split] for u in units) for split in SPLITS}
+    tokens_in = {split: sum(u["tokens_in"][split] for u in units) for split in SPLITS}
+    documents_in = sum(u["documents_in"] for u in units)
+    bos_inserted = sum(u["bos_inserted"] for u in units)
     slots = sum(rows.values()) * row_len
     padding = slots - sum(tokens.values())
     cropped = sum(tokens_in.values()) + bos_inserted - sum(tokens.values())  # 0 by construction; counted, not assumed
@@ -435,13 +462,17 @@ def build_pack(config: PackConfig, inputs: list[Manifest], store: ArtifactStore,
         "rows": sum(rows.values()),
         "rows_per_split": rows,
         "shards": shards,
+        "units": len(tasks),
+        "units_resumed": sum(u["resumed"] for u in units),
         "bos_inserted": bos_inserted,
         "tokens_cropped": cropped,
         "tokens_cropped_fraction": round(cropped / total_in, 6) if total_in else 0.0,
         "padding_tokens": padding,
         "padding_fraction": round(padding / slots, 6) if slots else 0.0,
         "tokens_per_second": round(total_in / seconds) if seconds > 0 else None,
+        **executor.stats(),
     }
 
 
-STAGE = Stage("pack", PackConfig, build_pack, code_version="2")  # 2: a `split` column decides the split
+# 3: packed in units of consecutive shards (`unit_bytes`), `split/UUUUU-NNNN.parquet`
+STAGE = Stage("pack", PackConfig, build_pack, code_version="3")

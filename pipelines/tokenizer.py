@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from pipelines.common import (ConfigError, InputError, Progress, Stage, StageConfig, default_workers,
+from pipelines.executor import default_workers
+from pipelines.common import (ConfigError, InputError, Progress, Stage, StageConfig,
                               document_shards)
 from storage import ArtifactStore, ArtifactWriter, Manifest
 

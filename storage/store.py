@@ -11,7 +11,9 @@ Commit protocol
   the whole artifact or nothing. A second process asking for the same artifact waits on the
   lock, then finds the committed artifact.
 - object stores: files are written in place, the manifest last; the manifest is the commit.
-  A directory without a valid manifest is never read, and is removed before it is rebuilt.
+  A directory without a valid manifest is never read; a killed build resumes from the whole
+  objects it left (an object appears whole or not at all). Two runs asking for the same
+  artifact take turns through a lease object created with a conditional write (`ObjectLease`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ import os
 import posixpath
 import re
 import shutil
+import socket
+import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -46,6 +52,41 @@ STAGE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*", re.IGNORECASE)
 FINGERPRINT = re.compile(r"[A-Za-z0-9_-]{1,128}")  # one safe path component (Kiln's own are 64 hex digits)
 FINGERPRINT_PREFIX = re.compile(r"[A-Za-z0-9_-]{6,128}")  # and so no glob pattern
 STAGING_PREFIX = ".staging-"
+
+
+# What the writers of this process wrote, file by file: {artifact key: {relpath: (bytes, sha256)}},
+# hashed as the bytes went out. A unit run in a worker process (or on another node) hands its
+# entries back with its result (pipelines/executor.py), so `commit` takes the sizes and hashes
+# from here instead of reading every file again; a file not in here is read and hashed.
+_WRITTEN: dict[str, dict[str, tuple[int, str]]] = {}
+
+
+def take_written() -> dict[str, dict[str, tuple[int, str]]]:
+    """The entries recorded in this process since the last call (and forget them)."""
+    taken = {key: dict(files) for key, files in _WRITTEN.items()}
+    _WRITTEN.clear()
+    return taken
+
+
+def add_written(entries: dict[str, dict[str, tuple[int, str]]]) -> None:
+    """Entries a unit recorded elsewhere (another process, another node)."""
+    for key, files in entries.items():
+        _WRITTEN.setdefault(key, {}).update({path: tuple(value) for path, value in files.items()})
+
+
+class _Hashing:
+    """A binary file handle that hashes and counts what is written through it."""
+
+    def __init__(self, handle: BinaryIO):
+        self.handle, self.digest, self.bytes = handle, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.bytes += len(data)
+        return self.handle.write(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self.handle, name)
 
 
 def default_root() -> str:
@@ -70,7 +111,11 @@ class ArtifactStore:
         url = str(root) if root is not None else default_root()
         self.url = url
         self.storage_options = storage_options
-        self.fs, self.root = fsspec.core.url_to_fs(url, **storage_options)
+        options = dict(storage_options)
+        if "://" in url and not url.startswith("file://"):
+            # units on other processes and nodes write here: a cached listing would be stale
+            options.setdefault("use_listings_cache", False)
+        self.fs, self.root = fsspec.core.url_to_fs(url, **options)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         if self.is_local:
             self.root = str(Path(self.root).resolve())
@@ -303,7 +348,7 @@ class ArtifactStore:
                 return existing  # another process built it while we waited
             self._remove_abandoned_staging(stage, keep=fp)
             writer = ArtifactWriter(self, stage, fp, config, inputs, code_version)
-            writer.prepare(fresh=force or not self.is_local)
+            writer.prepare(fresh=force)
             try:
                 stats = build(writer) or {}
             except BaseException:
@@ -315,9 +360,10 @@ class ArtifactStore:
 
     @contextlib.contextmanager
     def _lock(self, stage: str, fp: str) -> Iterator[None]:
-        """An exclusive lock per artifact on local disk; object stores rely on the manifest commit."""
+        """An exclusive lock per artifact: flock on local disk, a lease object on object stores."""
         if not self.is_local:
-            yield
+            with ObjectLease(self.fs, posixpath.join(self.stage_dir(stage), ".locks", f"{fp}.lease"), f"{stage}/{fp[:12]}"):
+                yield
             return
         lock_dir = Path(self.stage_dir(stage), ".locks")
         lock_dir.mkdir(parents=True, exist_ok=True)
@@ -348,6 +394,85 @@ class ArtifactStore:
                     continue  # a live run is building it
                 shutil.rmtree(staging, ignore_errors=True)
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _dead_here(owner: str) -> bool:
+    """Whether a lease's owner (host:pid:token) was a process of this host that is gone."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class ObjectLease:
+    """Who builds an artifact on an object store: a lease object created with a conditional write
+    (If-None-Match: *, so of two runs exactly one creates it), renewed by its holder every
+    LEASE_S / 3 seconds and deleted when the build ends. Another run waits while the lease is
+    fresh (then finds the artifact committed), and takes over a lease whose holder stopped
+    renewing it (a killed run) once it is LEASE_S old, or at once when that run was a process of
+    this host that is gone."""
+
+    LEASE_S = 60.0
+
+    def __init__(self, fs, path: str, what: str):
+        self.fs, self.path, self.what = fs, path, what
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        return json.dumps({"owner": self.owner, "expires": time.time() + self.LEASE_S}).encode()
+
+    def _create(self) -> bool:
+        try:
+            self.fs.pipe_file(self.path, self._body(), mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except TypeError:  # a filesystem without conditional writes: the manifest alone commits
+            log.debug("%s: no conditional writes on this store; no lease", self.path)
+            return True
+
+    def __enter__(self) -> "ObjectLease":
+        waited = False
+        while not self._create():
+            try:
+                lease = json.loads(self.fs.cat_file(self.path))
+                expired = float(lease.get("expires", 0)) < time.time() or _dead_here(str(lease.get("owner")))
+            except (FileNotFoundError, ValueError, TypeError):
+                continue  # released (or half-written) meanwhile: try again
+            if expired:
+                log.warning("%s: taking over the lease of a run that stopped (%s)", self.what, lease.get("owner"))
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(self.path)
+                continue
+            if not waited:
+                log.warning("%s is being built by another run (%s); waiting for it", self.what, lease.get("owner"))
+                waited = True
+            time.sleep(min(5.0, self.LEASE_S / 6))
+        self._renewer = threading.Thread(target=self._renew, daemon=True)
+        self._renewer.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.LEASE_S / 3):
+            with contextlib.suppress(Exception):  # a missed renewal is retried; the lease lasts LEASE_S
+                self.fs.pipe_file(self.path, self._body())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join(timeout=10)
+        with contextlib.suppress(FileNotFoundError):
+            if json.loads(self.fs.cat_file(self.path)).get("owner") == self.owner:
+                self.fs.rm_file(self.path)
 
 
 class ArtifactWriter:
@@ -428,17 +553,25 @@ class ArtifactWriter:
     def record_rows(self, relpath: str, rows: int) -> None:
         self._rows[relpath] = rows
 
+    @property
+    def key(self) -> str:
+        return f"{self.store_url}|{self.stage}|{self.fingerprint}"
+
     @contextlib.contextmanager
     def open(self, relpath: str, mode: str = "wb") -> Iterator[BinaryIO]:
-        """Write a file atomically (storage/atomic.py); on object stores the manifest commits."""
+        """Write a file atomically (storage/atomic.py; on object stores an object appears whole,
+        and the manifest commits), hashing it on the way out."""
         final = self.path(relpath)
         if not self.store.is_local:
             self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-            with self.fs.open(final, mode) as handle:
-                yield handle
-            return
-        with atomic_file(final, mode) as handle:
-            yield handle
+            with self.fs.open(final, mode) as raw:
+                handle = _Hashing(raw)
+                yield handle  # type: ignore[misc]
+        else:
+            with atomic_file(final, mode) as raw:
+                handle = _Hashing(raw)
+                yield handle  # type: ignore[misc]
+        _WRITTEN.setdefault(self.key, {})[relpath] = (handle.bytes, handle.digest.hexdigest())
 
     def write_bytes(self, relpath: str, data: bytes) -> None:
         with self.open(relpath) as handle:
@@ -471,26 +604,29 @@ class ArtifactWriter:
         except Exception:  # noqa: BLE001 - not readable as Parquet: its rows are unknown
             return None
 
-    def _complete_files(self) -> list[str]:
+    def _complete_files(self) -> dict[str, int]:
+        """relpath -> bytes of every file in the working directory (one listing)."""
         root = self.workdir.rstrip("/") + "/"
-        paths = []
-        for path in self.fs.find(self.workdir):
+        found = {}
+        for path, info in self.fs.find(self.workdir, detail=True).items():
             relpath = path[len(root):] if path.startswith(root) else posixpath.relpath(path, self.workdir)
             if relpath == MANIFEST_NAME:
                 continue
             if is_temporary(relpath):
                 raise StorageError(f"{path}: a temporary file in the artifact being committed "
                                    f"(a writer did not finish); not committing")
-            paths.append(relpath)
-        return sorted(paths)
+            found[relpath] = int(info["size"])
+        return dict(sorted(found.items()))
 
     def commit(self, stats: dict[str, Any]) -> Manifest:
+        """Write the manifest (every file with its size and sha256: as recorded by whichever
+        process wrote it, else read and hashed now) and make the artifact visible."""
         files = []
-        for relpath in self._complete_files():
-            path = self.path(relpath)
-            files.append(FileEntry(
-                path=relpath, bytes=self.fs.size(path), sha256=sha256_of(self.fs, path), rows=self._rows_of(relpath)
-            ))
+        recorded = _WRITTEN.pop(self.key, {})
+        for relpath, size in self._complete_files().items():
+            known = recorded.get(relpath)
+            sha = known[1] if known and known[0] == size else sha256_of(self.fs, self.path(relpath))
+            files.append(FileEntry(path=relpath, bytes=size, sha256=sha, rows=self._rows_of(relpath)))
         manifest = Manifest(
             stage=self.stage, fingerprint=self.fingerprint, config=self.config, inputs=self.inputs,
             code_version=self.code_version, files=files, stats=stats, sources=self.sources,

@@ -164,3 +164,16 @@ def test_dockerfile_runs_kiln_serve_as_a_user_on_the_data_volume():
     assert final["CMD"] == '["kiln", "serve", "--data-dir", "/data", "--refresh-input", "/data/crawl"]'
     for package in ("flows", "pipelines", "model", "storage", "configs"):
         assert any(word == "COPY" and args.split()[0].rstrip("/") == package for word, args in steps), package
+
+
+def test_a_ray_cluster_is_a_profile_on_the_data_volume(services):
+    ray = {name: svc for name, svc in services.items() if name.startswith("ray-")}
+    assert set(ray) == {"ray-head", "ray-worker"}
+    for name, svc in ray.items():
+        assert svc["profiles"] == ["ray"], f"{name}: started only with --profile ray"
+        assert svc["image"] == services["runner"]["image"], f"{name}: Kiln's image (its Ray, its code)"
+        assert "kiln-data:/data" in svc["volumes"], f"{name}: the units write to the shared store"
+        assert not svc.get("ports"), name
+        assert svc["environment"]["RAY_USAGE_STATS_ENABLED"] == "0"
+    assert "ray start --head --port=6379" in " ".join(ray["ray-head"]["command"])
+    assert "--address=ray-head:6379" in " ".join(ray["ray-worker"]["command"])

@@ -41,7 +41,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.common import InputError, Progress, Stage, merge_counts, parallel_map, shard_name
+from pipelines.common import InputError, Progress, Stage, merge_counts, shard_name
+from pipelines.executor import executor_for
 from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.inputs import WARC_NAME, describe_sources, expand_input, expand_inputs, open_input
 from pipelines.ingest.records import SCHEMA, SKIP_REASONS, empty_counts
@@ -60,9 +61,9 @@ def build_ingest(config: IngestConfig, inputs: list[Manifest], store: ArtifactSt
     totals.update(files=len(tasks), files_resumed=0, shards=0)
     sources = []
     # records advance as each file completes: workers do not report from inside a file
-    with Progress("ingest", total=len(tasks), unit="files") as bar, \
-            Progress("ingest", total=None, unit="records") as records_bar:
-        for result in parallel_map(ingest_file, tasks, config.workers):
+    with executor_for(config, store) as executor, \
+            Progress("ingest", total=None, unit="records", units=len(tasks)) as bar:
+        for result, node in executor.map(ingest_file, tasks):
             for relpath, rows in result["shards"].items():
                 writer.record_rows(relpath, rows)  # rows counted in a worker process are not in our writer
             check_accounting(result["source"], result["counts"])
@@ -71,11 +72,11 @@ def build_ingest(config: IngestConfig, inputs: list[Manifest], store: ArtifactSt
             totals["shards"] += len(result["shards"])
             if result["external"]:
                 sources.append({"url": result["source"], "bytes": result["bytes"], "sha256": result["sha256"]})
-            bar.advance()
-            records_bar.advance(result["counts"]["records"])
+            bar.unit_done(node, result["counts"]["records"], result["source"])
             log.info("ingest: %s: %d records, %d documents%s", result["source"], result["counts"]["records"],
                      result["counts"]["documents"], " (done in an earlier run)" if result["resumed"] else "")
     writer.sources = sources
+    totals.update(executor.stats())
     # The names every stage reports (see flows/summary.py): records in, documents out.
     totals["documents_in"] = totals["records"]
     totals["documents_out"] = totals["documents"]

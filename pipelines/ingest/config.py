@@ -6,14 +6,14 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from pipelines.common import StageConfig, default_workers
+from pipelines.executor import ParallelStageConfig
 
 
-class IngestConfig(StageConfig):
+class IngestConfig(ParallelStageConfig):
     """What to read and what to keep. `workers`, `timeout_s` and `storage_options` change how
     the files are fetched, not what comes out, so they are not part of the fingerprint."""
 
-    runtime_fields: ClassVar[frozenset[str]] = frozenset({"workers", "timeout_s", "storage_options"})
+    runtime_fields: ClassVar[frozenset[str]] = ParallelStageConfig.runtime_fields | {"timeout_s", "storage_options"}
 
     inputs: list[str] = Field(default_factory=list, description=(
         "Crawl files: paths, globs, directories, file:// https:// s3:// URLs, or *.paths(.gz) listings"))
@@ -23,7 +23,6 @@ class IngestConfig(StageConfig):
     max_page_bytes: int = Field(5_000_000, ge=1, description="Skip pages larger than this (bytes)")
     max_docs_per_shard: int = Field(10_000, ge=1)
     max_shard_bytes: int = Field(128 << 20, ge=1, description="Start a new shard past this many page bytes")
-    workers: int = Field(default_factory=default_workers, ge=1)
     timeout_s: float = Field(60.0, gt=0, description="Connect/read timeout for http(s) inputs")
     storage_options: dict[str, Any] = Field(default_factory=dict,
                                             description="fsspec options for remote inputs (credentials, anon, ...)")

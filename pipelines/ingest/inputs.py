@@ -26,23 +26,44 @@ def expand_inputs(config: IngestConfig) -> list[str]:
 
 
 def describe_sources(config: IngestConfig) -> list[list]:
-    """What identifies the crawl files right now, for the fingerprint: each file's location
-    with its size and modification time (local) or ETag / Last-Modified (remote)."""
-    described = []
-    for url in expand_inputs(config):
-        if "://" not in url:
-            stat = os.stat(url)
-            described.append([url, stat.st_size, stat.st_mtime_ns])
-            continue
-        try:
-            import fsspec
+    """What identifies the crawl files right now, for the fingerprint, without one sequential
+    metadata call per file: a `*.paths` listing by the sha256 of its own content (Common Crawl's
+    files never change once listed); local files by size and modification time; other remote
+    files by size and ETag / Last-Modified, asked for in parallel."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
 
-            fs, path = fsspec.core.url_to_fs(url, **fs_options(url, config.storage_options, config.timeout_s))
-            info = fs.info(path)
-            described.append([url, info.get("size"), info.get("ETag") or info.get("LastModified") or info.get("mtime")])
-        except Exception:  # noqa: BLE001 - unreachable now: the build itself reports it properly
-            described.append([url, None, None])
-    return described
+    described: list[list] = []
+    remote: list[str] = []
+    for spec in config.inputs:
+        location = spec.strip().removeprefix("file://")
+        if is_listing(location) and not GLOB_CHARS.search(location):
+            content = _read_all(location if "://" in location else os.path.abspath(os.path.expanduser(location)),
+                                config)
+            described.append(["listing", location, hashlib.sha256(content).hexdigest(), config.limit_files,
+                              config.paths_base_url])
+            continue
+        for url in expand_input(spec, config):
+            if "://" in url:
+                described.append([url])
+                remote.append(url)
+            else:
+                stat = os.stat(url)
+                described.append([url, stat.st_size, stat.st_mtime_ns])
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        infos = dict(zip(remote, pool.map(lambda url: _remote_identity(url, config), remote)))
+    return [[entry[0], *infos[entry[0]]] if len(entry) == 1 else entry for entry in described]
+
+
+def _remote_identity(url: str, config: IngestConfig) -> list:
+    try:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url, **fs_options(url, config.storage_options, config.timeout_s))
+        info = fs.info(path)
+        return [info.get("size"), info.get("ETag") or info.get("LastModified") or info.get("mtime")]
+    except Exception:  # noqa: BLE001 - unreachable now: the build itself reports it properly
+        return [None, None]
 
 
 def expand_input(spec: str, config: IngestConfig) -> list[str]:
@@ -93,15 +114,19 @@ def is_listing(location: str) -> bool:
     return bool(LISTING_NAME.search(location.rsplit("/", 1)[-1])) and not WARC_NAME.search(location)
 
 
-def read_listing(location: str, config: IngestConfig) -> list[str]:
-    """A Common Crawl `warc.paths.gz`: one path per line, relative to `paths_base_url`."""
+def _read_all(location: str, config: IngestConfig) -> bytes:
     try:
         with open_input(location, config.storage_options, config.timeout_s) as handle:
-            data = handle.read()
+            return handle.read()
     except KilnError:
         raise
     except Exception as err:
         raise remote_error(location, err) from None
+
+
+def read_listing(location: str, config: IngestConfig) -> list[str]:
+    """A Common Crawl `warc.paths.gz`: one path per line, relative to `paths_base_url`."""
+    data = _read_all(location, config)
     if data[:2] == b"\x1f\x8b":
         try:
             data = gzip.decompress(data)

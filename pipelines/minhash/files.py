@@ -77,3 +77,47 @@ class BandSpill:
     def read(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         rec = np.fromfile(self.paths[b], dtype=_BAND_RECORD)
         return rec["h"].copy(), rec["d"].astype(np.int64)
+
+
+class NpyRows:
+    """Rows of a `.npy` file read on demand through fsspec, local or remote: the header once, then
+    only the rows asked for (`rows[ids]`, ids ascending or not), or one row of a 2-D array
+    (`row(b)`: a band of a band-major file). Nothing is pickled."""
+
+    def __init__(self, fs, path: str):
+        self.fs, self.path = fs, path
+        with fs.open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = reader(handle)
+            self.offset = handle.tell()
+        if fortran:
+            raise ValueError(f"{path}: a Fortran-ordered array")
+        self.shape, self.dtype = shape, np.dtype(dtype)
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def row(self, index: int) -> np.ndarray:
+        return self[np.array([index])][0]
+
+    def __getitem__(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.empty((len(ids), *self.shape[1:]), dtype=self.dtype)
+        if not len(ids):
+            return out
+        order = np.argsort(ids, kind="stable")
+        wanted = ids[order]
+        # runs of consecutive rows are one read each
+        runs = np.split(wanted, np.flatnonzero(np.diff(wanted) > 1) + 1)
+        with self.fs.open(self.path, "rb") as handle:
+            position = 0
+            for run in runs:
+                first, count = int(run[0]), int(run[-1] - run[0] + 1)
+                handle.seek(self.offset + first * self.row_bytes)
+                block = np.frombuffer(handle.read(count * self.row_bytes), dtype=self.dtype)
+                block = block.reshape(count, *self.shape[1:])
+                out[order[position:position + len(run)]] = block[run - first]
+                position += len(run)
+        return out

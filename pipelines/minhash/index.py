@@ -27,7 +27,7 @@ import numpy as np
 from pipelines.minhash.config import IndexConfigError, MinHashConfig
 from pipelines.minhash.files import BandSpill, NpyAppender, load_npy
 from pipelines.minhash.hashing import U64
-from pipelines.minhash.lsh import BUCKET_WINDOW, band_hashes, required_matches, verify_pairs
+from pipelines.minhash.lsh import band_hashes, indexed_matches, required_matches, verify_pairs
 from pipelines.minhash.signatures import SIGNATURE_DTYPE, nonempty
 from storage import atomic_dir
 
@@ -129,21 +129,9 @@ class SignatureIndex:
         ih, idoc = self.band(b)
         if len(ih) == 0:
             return
-        order = np.argsort(h)
-        h, d = h[order], d[order]
-        lo = np.searchsorted(ih, h, side="left")
-        hi = np.searchsorted(ih, h, side="right")
-        cnt = np.minimum(hi - lo, BUCKET_WINDOW)
-        hit = cnt > 0
-        if not hit.any():
+        q, targets = indexed_matches(ih, idoc, h, d)
+        if len(q) == 0:
             return
-        cnt, lo, d = cnt[hit], lo[hit], d[hit]
-        total = int(cnt.sum())
-        first = np.zeros(len(cnt), dtype=np.int64)
-        np.cumsum(cnt[:-1], out=first[1:])
-        q = np.repeat(d, cnt)
-        p = np.repeat(lo, cnt) + (np.arange(total) - np.repeat(first, cnt))
-        targets = np.asarray(idoc[p]).astype(np.int64)
         ok = verify_pairs(sigs, q, self.signatures, targets, need)
         flagged[q[ok]] = True
 

@@ -159,7 +159,7 @@ class UnionFind:
         return self.parent.copy()
 
 
-def _unique_pairs(i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def unique_pairs(i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted unique pairs of document numbers (< 2**32)."""
     key = np.unique((i.astype(U64) << U64(32)) | j.astype(U64))
     return (key >> U64(32)).astype(np.int64), (key & U64(0xFFFFFFFF)).astype(np.int64)
@@ -174,7 +174,7 @@ def merge_candidates(uf: UnionFind, sigs, i: np.ndarray, j: np.ndarray, need: in
     if len(i) == 0:
         return 0, 0
     if len(i) > 1:  # the same pair from several windows/bands: verify once
-        i, j = _unique_pairs(i, j)
+        i, j = unique_pairs(i, j)
     ok = verify_pairs(sigs, i, sigs, j, need)
     uf.union(i[ok], j[ok])
     return len(i), int(ok.sum())
@@ -195,7 +195,7 @@ def candidate_pairs(signatures: np.ndarray, config: MinHashConfig | None = None)
         i, j = bucket_pairs(bands[docs, b], docs)
         left.append(i)
         right.append(j)
-    return _unique_pairs(np.concatenate(left), np.concatenate(right))
+    return unique_pairs(np.concatenate(left), np.concatenate(right))
 
 
 def cluster_signatures(signatures: np.ndarray, config: MinHashConfig | None = None) -> np.ndarray:
@@ -210,3 +210,22 @@ def cluster_signatures(signatures: np.ndarray, config: MinHashConfig | None = No
         i, j = bucket_pairs(bands[docs, b], docs)
         merge_candidates(uf, sig, i, j, need)
     return uf.roots()
+
+
+def indexed_matches(ih: np.ndarray, idoc, h: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (query document, indexed document) that share a bucket of one band: documents `d`
+    with band hashes `h` against an index band (`ih` sorted, `idoc` its documents), at most
+    BUCKET_WINDOW indexed documents per bucket."""
+    order = np.argsort(h)
+    h, d = h[order], d[order]
+    lo = np.searchsorted(ih, h, side="left")
+    hi = np.searchsorted(ih, h, side="right")
+    cnt = np.minimum(hi - lo, BUCKET_WINDOW)
+    hit = cnt > 0
+    cnt, lo, d = cnt[hit], lo[hit], d[hit]
+    total = int(cnt.sum())
+    first = np.zeros(len(cnt), dtype=np.int64)
+    np.cumsum(cnt[:-1], out=first[1:])
+    q = np.repeat(d, cnt)
+    p = np.repeat(lo, cnt) + (np.arange(total) - np.repeat(first, cnt))
+    return q, np.asarray(idoc[p]).astype(np.int64)

@@ -103,3 +103,54 @@ def test_mismatched_index_and_wrong_input_are_clear_errors(tmp_path):
 def test_invalid_minhash_settings_fail_validation():
     with pytest.raises(ValueError):
         DedupConfig(num_bands=0)
+
+
+def one_machine(config: DedupConfig, texts: list[str], tmp_path, index=None):
+    """The single-process reference: MinHashDeduplicator over all texts, then SignatureIndex.write."""
+    from pipelines.minhash import MinHashConfig, MinHashDeduplicator
+
+    minhash = MinHashConfig(**{k: getattr(config, k) for k in MinHashConfig.model_fields})
+    with MinHashDeduplicator(minhash, workdir=tmp_path / "ref-work", index=index, exact=config.exact) as dedup:
+        dedup.add(texts)
+        result = dedup.finalize()
+        written = dedup.write_index(tmp_path / "ref-index", union=True, overwrite=True)
+    return result, written
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_units_give_the_one_machine_result_exactly(tmp_path, workers):
+    """Per-shard, per-partition and per-band units, clustered by a union-find whose root is the
+    lowest document: the same documents kept, the same index bytes, as one process over the
+    whole corpus; the same again for a refresh against that index."""
+    import hashlib
+
+    from pipelines.minhash import SignatureIndex
+
+    rng = random.Random(11)
+    docs = real_documents()[:150]
+    near = [edit_words(d, rng, rng.randint(1, 8)) for d in docs[:50]]   # some within the threshold, some not
+    exact = [d.upper() for d in docs[50:70]] + [near[0]]
+    shards = [docs[:60], near[:25] + docs[60:110], exact + near[25:], docs[110:]]
+    store = ArtifactStore(tmp_path / "store")
+    clean = clean_artifact(store, shards, "f")
+    config = DedupConfig(workers=workers)
+    manifest = STAGE.run(config, [clean], store)
+    texts = [t for shard in shards for t in shard]
+    result, reference = one_machine(config, texts, tmp_path / "one")
+    all_ids = [f"f-{i}-{j}" for i, shard in enumerate(shards) for j in range(len(shard))]
+    assert kept_ids(store, manifest) == [i for i, keep in zip(all_ids, result.keep) if keep]
+    assert manifest.stats["dropped"]["exact_duplicate"] == int((result.exact_duplicate & ~result.index_duplicate).sum())
+    assert manifest.stats["clusters"] == result.num_clusters
+
+    def index_files(directory):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+    assert index_files(store.local_path(manifest, "index")) == index_files(reference.path)
+
+    refresh = [edit_words(d, rng, 2) for d in docs[:30]] + real_documents()[150:190] + [docs[5].upper()]
+    again = STAGE.run(DedupConfig(workers=workers, against=manifest.fingerprint),
+                      [clean_artifact(store, [refresh], "g"), manifest], store)
+    result2, reference2 = one_machine(config, refresh, tmp_path / "two", index=SignatureIndex.load(reference.path))
+    assert kept_ids(store, again) == [f"g-0-{j}" for j, keep in enumerate(result2.keep) if keep]
+    assert again.stats["dropped"]["in_earlier_corpus"] == int(result2.index_duplicate.sum()) > 25
+    assert index_files(store.local_path(again, "index")) == index_files(reference2.path)

@@ -1,0 +1,246 @@
+"""Where a stage's units of work run: `local` (a process pool on this machine) or `ray` (Ray Core
+tasks on a cluster). Plain Python, no Prefect.
+
+A unit is a module-level function applied to one picklable item (a crawl file at ingest, a shard
+at clean, a band at dedup); `Executor.map` yields the results in the order of the items, so
+what a stage makes never depends on where or in which order its units ran. A failed unit
+raises its own exception (never logged and skipped); on Ray, a unit whose node died is run
+again elsewhere (Ray's task retries), so a stage completes on the nodes that are left. A unit
+is done only when its output file is committed; a stage that is run again skips those, so it
+resumes with any number of workers or nodes.
+
+The executor is a runtime setting (`executor`, `ray_address`, `workers` of a stage's config):
+it is not part of any fingerprint, so the same artifact is built, and cached, wherever it ran.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing
+import os
+import socket
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, ClassVar, Literal, TypeVar
+
+from pydantic import Field
+
+from storage import ArtifactStore, ConfigError, StageConfig, add_written, take_written
+
+log = logging.getLogger("kiln")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+class ParallelStageConfig(StageConfig):
+    """The settings of a stage whose units run in parallel: how many at a time, and where."""
+
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"workers", "executor", "ray_address"})
+
+    workers: int = Field(default_factory=default_workers, ge=1,
+                         description="Units at a time: worker processes (local), or the most units in flight (ray).")
+    executor: Literal["local", "ray"] = Field(
+        "local", description="local: a process pool on this machine; ray: Ray Core tasks on a cluster.")
+    ray_address: str | None = Field(
+        None, description="The Ray cluster to use (ray): its address, else $RAY_ADDRESS, else a local Ray.")
+
+
+class Executor:
+    """Runs units; remembers which nodes ran them (for the manifest's stats)."""
+
+    name: ClassVar[str]
+
+    def __init__(self) -> None:
+        self.nodes: set[str] = set()
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[R, str]]:
+        """(result, the node that ran it) for each item, in the items' order."""
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, Any]:
+        return {"executor": self.name, "nodes": len(self.nodes)}
+
+    def close(self) -> None:
+        """Let go of the workers (a stage uses one executor for all its phases, then closes it)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _this_node() -> str:
+    return socket.gethostname()
+
+
+def _in_a_worker(fn: Callable[[Any], Any], item: Any) -> tuple[Any, dict]:
+    """A unit in a worker process: its result, and the sizes and hashes of the files it wrote
+    (so the commit need not read them again)."""
+    take_written()
+    result = fn(item)
+    return result, take_written()
+
+
+def _take_environment(environment: dict[str, str]) -> None:
+    """A pool worker's start: the caller's environment as it is now. The forkserver that forks the
+    workers keeps the environment of the first pool of this process, so a credential or an S3
+    endpoint set since would be missing; fsspec reads its settings from the environment once."""
+    os.environ.clear()
+    os.environ.update(environment)
+    import fsspec.config
+
+    fsspec.config.set_conf_env(fsspec.config.conf)
+
+
+class LocalExecutor(Executor):
+    """A pool of worker processes on this machine, kept for every `map` until `close` (a stage's
+    phases, dedup's five, pay for starting workers once). Forkserver: the caller may be a Prefect
+    worker with threads running, and forking a threaded process can deadlock."""
+
+    name = "local"
+
+    def __init__(self, workers: int):
+        super().__init__()
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _workers(self, fn: Callable) -> ProcessPoolExecutor:
+        if self._pool is None:
+            context = multiprocessing.get_context("forkserver")
+            # Workers fork from a server that has already imported the unit's module (and pyarrow,
+            # trafilatura, ... with it), instead of importing them again in every worker.
+            context.set_forkserver_preload([fn.__module__])
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context,
+                                             initializer=_take_environment, initargs=(dict(os.environ),))
+        return self._pool
+
+    def map(self, fn, items):
+        items = list(items)
+        node = _this_node()
+        if items:
+            self.nodes.add(node)
+        if self.workers <= 1 or len(items) <= 1:
+            for item in items:
+                yield fn(item), node
+            return
+        pool = self._workers(fn)
+        try:
+            for result, written in pool.map(functools.partial(_in_a_worker, fn), items):
+                add_written(written)
+                yield result, node
+        except GeneratorExit:  # the caller stopped reading (zip): the pool stays for the next map
+            raise
+        except BaseException:
+            self.close(cancel=True)  # fail fast: don't finish the other items first
+            raise
+
+    def close(self, cancel: bool = False) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=cancel)
+            self._pool = None
+
+
+def _on_a_node(fn: Callable[[Any], Any], item: Any) -> tuple[Any, dict, str]:
+    """A unit as a Ray task: its result, what it wrote, and the node that ran it."""
+    import ray
+
+    result, written = _in_a_worker(fn, item)
+    return result, written, ray.util.get_node_ip_address()
+
+
+class RayExecutor(Executor):
+    """Ray Core tasks: one per unit, at most `in_flight` submitted at a time."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None, in_flight: int):
+        super().__init__()
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+                     configure_logging=False, log_to_driver=False)
+        self.ray = ray
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.in_flight = max(in_flight, 2 * cpus)
+        # retried when its worker or node dies, not when it raises
+        # SPREAD: units read and write the shared store, not node-local data, so spread them
+        self.remote = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=False,
+                                 scheduling_strategy="SPREAD")(_on_a_node)
+
+    def map(self, fn, items):
+        queue = iter(list(items))
+        pending: deque = deque(self.remote.remote(fn, item) for _, item in zip(range(self.in_flight), queue))
+        while pending:
+            result, written, node = self._get(pending.popleft())
+            add_written(written)
+            self.nodes.add(node)
+            following = next(queue, None)
+            if following is not None:
+                pending.append(self.remote.remote(fn, following))
+            yield result, node
+
+    def _get(self, ref):
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as err:
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, BaseException):
+                raise cause from None  # the unit's own error, e.g. one line naming a bad crawl file
+            raise
+
+    def nodes_alive(self) -> list[dict]:
+        return [n for n in self.ray.nodes() if n.get("Alive")]
+
+
+def executor_for(config: ParallelStageConfig, store: ArtifactStore | None = None) -> Executor:
+    """The executor a stage's config asks for; on Ray, a store every node can reach."""
+    if config.executor == "local":
+        return LocalExecutor(config.workers)
+    executor = RayExecutor(config.ray_address, config.workers)
+    if store is not None:
+        check_shared(store, executor)
+    return executor
+
+
+def _sees(path: str, token: str) -> bool:
+    try:
+        with open(path) as handle:
+            return handle.read() == token
+    except OSError:
+        return False
+
+
+def check_shared(store: ArtifactStore, executor: RayExecutor) -> None:
+    """Units write into the store from every node: a local path must be the same directory on
+    every node (a shared filesystem). Checked by writing a token here and reading it on each node."""
+    if not store.is_local:
+        return
+    import uuid
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = uuid.uuid4().hex
+    marker = os.path.join(store.root, f".kiln-shared-{token}")
+    os.makedirs(store.root, exist_ok=True)
+    with open(marker, "w") as handle:
+        handle.write(token)
+    try:
+        sees = executor.ray.remote(num_cpus=0)(_sees)
+        checks = {node["NodeManagerAddress"]: sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node_id=node["NodeID"], soft=False)).remote(marker, token) for node in executor.nodes_alive()}
+        blind = [address for address, ref in checks.items() if not executor.ray.get(ref)]
+    finally:
+        os.remove(marker)
+    if blind:
+        raise ConfigError(f"{store.root}: a local directory that node {blind[0]} does not see; with --executor ray "
+                          "the data directory must be the same path on every node (a shared filesystem) or an "
+                          "s3:// store")
