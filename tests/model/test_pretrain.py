@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,8 +58,6 @@ def losses(store: ArtifactStore, manifest) -> list[float]:
 
 
 def copy_inputs(source: ArtifactStore, target_dir: Path, manifests) -> ArtifactStore:
-    import shutil
-
     for m in manifests:
         shutil.copytree(source.local_path(m), target_dir / m.stage / m.fingerprint)
     return ArtifactStore(target_dir)
@@ -122,6 +121,12 @@ def kill_mid_run(store_dir: Path, script_config: str, inputs, checkpoint: str = 
         time.sleep(0.2)
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
+    # On a loaded machine the run can outpace the poll and write a later checkpoint before the kill
+    # lands. Removing those leaves exactly what a kill a few steps after `checkpoint` leaves (resume
+    # truncates metrics.jsonl to the checkpoint's step), so the resume under test is always mid-run.
+    for later in (staging / "checkpoints").glob("step-*"):
+        if later.name > checkpoint and (staging / "checkpoints" / checkpoint).is_dir():
+            shutil.rmtree(later)
 
 
 GQA = dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, tie_embeddings=False)  # the 1b preset's shape, small
