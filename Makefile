@@ -12,13 +12,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -e '.[dev]' -c constraints.txt
 	touch $(STAMP)
 
+LLAMA_STAMP = $(VENV)/.installed-llama
+$(LLAMA_STAMP): $(STAMP)
+	$(PIP) install -q -e '.[dev,llama]' -c constraints.txt
+	touch $(LLAMA_STAMP)
+
 .PHONY: install run test bench
 install: $(STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/kiln run
 
-test: $(STAMP)
+test: $(LLAMA_STAMP)
 	$(VENV)/bin/python -m pytest
 
 bench: $(STAMP)

@@ -4,9 +4,11 @@ built comes back from the cache, so `kiln clean` after `kiln ingest` only cleans
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -34,6 +36,11 @@ ExecutorOpt = Annotated[Optional[str], typer.Option(
 RayAddressOpt = Annotated[Optional[str], typer.Option(
     "--ray-address", help="The Ray cluster for --executor ray (default: $RAY_ADDRESS, else a local Ray).")]
 
+HarnessOpt = Annotated[Optional[str], typer.Option(
+    "--harness", help="lm-evaluation-harness tasks, comma-separated (hellaswag,arc_easy,...; online unless local).")]
+IncludePathOpt = Annotated[Optional[str], typer.Option(
+    "--include-path", help="A directory of local lm_eval task YAMLs (for --harness).")]
+
 UI_URL = "http://127.0.0.1:4200"
 
 
@@ -43,7 +50,7 @@ def _stage_command(command: str, until: str, help_text: str, whole_chain: bool):
 
     def run(config: ConfigOpt = None, set_: SetOpt = None, data_dir: DataDirOpt = None,
             input_: InputOpt = None, force: ForceOpt = False, executor: ExecutorOpt = None,
-            ray_address: RayAddressOpt = None) -> None:
+            ray_address: RayAddressOpt = None, harness: HarnessOpt = None, include_path: IncludePathOpt = None) -> None:
         from flows.config import load_config
         from flows.pipeline import pipeline_flow
         from flows.summary import print_summary
@@ -52,11 +59,15 @@ def _stage_command(command: str, until: str, help_text: str, whole_chain: bool):
         runtime = [f"{e.section}.{key}={value}" for e in TABLE for key, value in
                    (("executor", executor), ("ray_address", ray_address))
                    if value is not None and key in e.stage.config_cls.model_fields]
+        if harness:
+            runtime.append(f"evaluate.harness={json.dumps([t.strip() for t in harness.split(',') if t.strip()])}")
+        if include_path:
+            runtime.append(f"evaluate.harness_include_path={Path(include_path).resolve()}")
         cfg = load_config(config, [*runtime, *(set_ or [])])
         if input_:
             cfg.ingest.inputs = list(input_)
         expand_inputs(cfg.ingest)  # a missing path or empty glob fails here, before Prefect starts
-        forced = [e.name for e in chain(until) if force and (whole_chain or e.name == command)]
+        forced = [e.name for e in chain(until, cfg) if force and (whole_chain or e.name == command)]
         store_dir = data_dir or default_root()
         ArtifactStore(store_dir).check_usable()  # a file, or a read-only directory: one line, now
         with prefect_api() as ui:
@@ -71,6 +82,13 @@ def _stage_command(command: str, until: str, help_text: str, whole_chain: bool):
 
     run.__name__ = command
     run.__doc__ = help_text
+    if "evaluate" not in {e.name for e in chain(until)}:  # the harness options only where evaluate runs
+        # typer reads the signature; its annotations resolved here (this module's are strings)
+        hints = typing.get_type_hints(run, include_extras=True)
+        signature = inspect.signature(run)
+        run.__signature__ = signature.replace(parameters=[p.replace(annotation=hints[name]) for name, p
+                                                          in signature.parameters.items()
+                                                          if name not in ("harness", "include_path")])
     return run
 
 
@@ -146,7 +164,8 @@ def serve(
 
 
 ModelArg = Annotated[Optional[str], typer.Argument(
-    help="A checkpoint directory, or a fingerprint of a pretrain/sft/dpo artifact (default: the newest).")]
+    help="A checkpoint directory, or a fingerprint of a pretrain/sft/dpo/quantize artifact "
+         "(default: the newest trained one).")]
 
 
 def resolve_model_dir(store: ArtifactStore, spec: str | None) -> Path:
@@ -202,15 +221,53 @@ _register_chat()
 @app.command("export")
 def export_model(
     model: ModelArg = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the Hugging Face model.")] = Path("export"),
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="hf: a directory (default ./export); gguf: a .gguf file or a directory for it.")] = None,
+    format_: Annotated[str, typer.Option("--format", help="hf (a Hugging Face Llama directory) or gguf (llama.cpp).")] = "hf",
+    gguf_type: Annotated[str, typer.Option("--type", help="gguf: f32, f16, q8_0 or q4_0 (norms stay f32).")] = "f16",
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Write a Hugging Face Llama directory that transformers' AutoModelForCausalLM loads."""
-    from model.export import export_llama
+    """Write a Hugging Face Llama directory (AutoModelForCausalLM) or a GGUF file (llama.cpp, Ollama)."""
+    source = resolve_model_dir(ArtifactStore(data_dir or default_root()), model)
+    if format_ == "hf":
+        from model.export import export_llama
+
+        output = output or Path("export")
+        export_llama(source, output)
+        console.print(f"exported {source} -> {output} (AutoModelForCausalLM.from_pretrained({str(output)!r}))")
+    elif format_ == "gguf":
+        from model.export_gguf import export_gguf
+
+        output = output or Path("export")
+        if output.suffix != ".gguf":
+            output = output / f"{source.parent.name if source.name == 'model' else source.name}-{gguf_type}.gguf"
+        export_gguf(source, output, gguf_type)
+        console.print(f"exported {source} -> {output} ({output.stat().st_size / 2**20:.1f} MiB; "
+                      f"llama.cpp: llama-cli -m {output})")
+    else:
+        raise KilnError(f"--format {format_}: expected hf or gguf")
+
+
+@app.command("serve-model")
+def serve_model(
+    model: ModelArg = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every one).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    name: Annotated[Optional[str], typer.Option(help="The model's id in the API (default: kiln-<stage>-<fp[:8]>).")] = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions."""
+    import uvicorn
+
+    from model.chat import load_for_generation
+    from model.serve import Generator, create_app
 
     source = resolve_model_dir(ArtifactStore(data_dir or default_root()), model)
-    export_llama(source, output)
-    console.print(f"exported {source} -> {output} (AutoModelForCausalLM.from_pretrained({str(output)!r}))")
+    artifact = source.parent if source.name == "model" else source
+    name = name or f"kiln-{artifact.parent.name}-{artifact.name[:8]}"
+    app_ = create_app(Generator(load_for_generation(source), name))
+    console.print(f"serving {source} as {name!r} on http://{host}:{port}/v1 (OpenAI API; Ctrl-C stops it)")
+    uvicorn.run(app_, host=host, port=port, log_level="info")
 
 
 @app.command()

@@ -1,6 +1,6 @@
 """The pipeline flow: the stages of the table in order, each a cached task; `until` stops the chain early.
 
-    crawl -> ingest -> clean -> dedup -> tokenizer -> pack -> pretrain -> sft -> dpo -> evaluate
+    crawl -> ingest -> clean -> dedup -> tokenizer -> pack -> pretrain -> sft -> dpo -> (quantize) -> evaluate
 
 Only the stages `until` needs run (flows/stages.py `chain`); with crawl files given, the
 offline sample crawl is skipped. A stage runs only when its output artifact is missing (the
@@ -26,11 +26,11 @@ def pipeline_flow(
 ) -> dict[str, dict]:
     """Run the stages up to `until`; returns each stage's manifest and whether it was cached."""
     runs: dict[str, dict] = {}
-    for entry in chain(until):
+    for entry in chain(until, config):
         if entry.skip_if is not None and entry.skip_if(config):
             continue
         section = getattr(config, entry.section)
-        inputs = [Manifest.model_validate(runs[name]["manifest"]) for name in entry.inputs if name in runs]
+        inputs = [Manifest.model_validate(runs[name]["manifest"]) for name in entry.inputs_for(config) if name in runs]
         if entry.extra_inputs is not None:
             inputs += entry.extra_inputs(section, ArtifactStore(data_dir))
         runs[entry.name] = run_stage(entry.name, section, inputs, data_dir, entry.name in force)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from model import dpo, evaluate, pretrain, sft
+from model import dpo, evaluate, pretrain, quantize, sft
 from pipelines import clean, dedup, ingest, pack, sample_crawl, tokenizer
 from storage import ArtifactStore, Manifest, Stage
 
@@ -29,6 +29,9 @@ class StageEntry:
     skip_if: Callable[[Any], bool] | None = None
     # artifacts read beyond `inputs`, named by the stage's own config (dedup.against)
     extra_inputs: Callable[[Any, ArtifactStore], list[Manifest]] | None = None
+    # its first input is the trained model its section's `model` setting names (quantize, evaluate);
+    # `inputs` holds the default
+    model_input: bool = False
 
     @property
     def name(self) -> str:
@@ -43,6 +46,12 @@ class StageEntry:
     def trains_a_model(self) -> bool:
         return "launch" in self.stage.config_cls.model_fields
 
+    def inputs_for(self, config: Any | None) -> tuple[str, ...]:
+        """The stages this one reads under a run config (None: the table's defaults)."""
+        if not self.model_input or config is None:
+            return self.inputs
+        return (getattr(config, self.section).model, *self.inputs[1:])
+
 
 TABLE: tuple[StageEntry, ...] = (
     StageEntry(sample_crawl.STAGE, (), "The offline sample crawl (Python's documentation as WARC).",
@@ -56,7 +65,8 @@ TABLE: tuple[StageEntry, ...] = (
     StageEntry(pretrain.STAGE, ("pack", "tokenizer"), "Pretrain the transformer under accelerate on the token shards."),
     StageEntry(sft.STAGE, ("pretrain", "tokenizer"), "Supervised fine-tuning on instruction data (offline default: Q&A from the stdlib docs)."),
     StageEntry(dpo.STAGE, ("sft", "tokenizer"), "Preference tuning (DPO or IPO) of the SFT model."),
-    StageEntry(evaluate.STAGE, ("dpo", "pack", "tokenizer"), "Held-out loss, perplexity, bits per byte and multiple-choice accuracy."),
+    StageEntry(quantize.STAGE, ("dpo", "pack", "tokenizer"), "Quantize a trained model's weights: int8, or int4 by round-to-nearest or AWQ.", model_input=True),
+    StageEntry(evaluate.STAGE, ("dpo", "pack", "tokenizer"), "Held-out loss, perplexity, bits per byte and multiple-choice accuracy.", model_input=True),
 )
 STAGES: dict[str, StageEntry] = {entry.name: entry for entry in TABLE}
 
@@ -68,8 +78,9 @@ CHAINS: dict[str, tuple[str, str]] = {
 }
 
 
-def chain(until: str) -> list[StageEntry]:
-    """The stages `until` needs (its inputs, theirs, ...) and itself, in table order."""
+def chain(until: str, config: Any | None = None) -> list[StageEntry]:
+    """The stages `until` needs (its inputs, theirs, ...) and itself, in table order; with a run
+    config, the models its settings name (`evaluate.model=quantize`)."""
     if until not in STAGES:
         raise KeyError(f"no stage {until!r} (stages: {', '.join(STAGES)})")
     needed, pending = set(), [until]
@@ -77,7 +88,7 @@ def chain(until: str) -> list[StageEntry]:
         name = pending.pop()
         if name not in needed:
             needed.add(name)
-            pending += STAGES[name].inputs
+            pending += STAGES[name].inputs_for(config)
     return [entry for entry in TABLE if entry.name in needed]
 
 
@@ -89,7 +100,8 @@ def model_stages() -> tuple[str, ...]:
 def _check_table() -> None:
     for position, entry in enumerate(TABLE):
         earlier = {e.name for e in TABLE[:position]}
-        missing = [name for name in entry.inputs if name not in earlier]
+        choices = entry.stage.config_cls.model_fields["model"].annotation.__args__ if entry.model_input else ()
+        missing = [name for name in (*entry.inputs, *choices) if name not in earlier]
         assert not missing, f"stage {entry.name} reads {missing}, which do not come before it in the table"
 
 

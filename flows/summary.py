@@ -61,6 +61,8 @@ def headline(stage: str, stats: dict[str, Any]) -> str:
                 if "val_response_loss" in stats and "pretrained_val_response_loss" in stats else None],
         "dpo": [get("steps", "{} steps"), get("val_reward_accuracy", "held-out reward accuracy {:.2f}"),
                 get("val_reward_margin", "margin {:.2f}")],
+        "quantize": [get("method"), get("group_size", "group {}"), get("size_ratio", "{:.2f}x the weights' bytes"),
+                     f"AWQ mean alpha {stats['awq']['mean_alpha']:.2f}" if isinstance(stats.get("awq"), dict) else None],
         "evaluate": [get("val_bpb", "val {:.3f} bits/byte"), get("val_ppl", "ppl {:.1f}"),
                      f"multiple choice {stats['mc_acc']:.2f} (chance {stats['mc_chance']:.2f})"
                      if "mc_acc" in stats and "mc_chance" in stats else None],
@@ -96,8 +98,19 @@ def print_summary(console: Console, runs: dict[str, dict], store: ArtifactStore)
         rate = 1 - dedup.get("documents_out", 0) / dedup["documents_in"]
         console.print(f"duplicate rate: {rate:.1%}")
     evaluated = runs.get("evaluate", {}).get("manifest", {}).get("stats", {})
-    if evaluated.get("sample") is not None:
-        console.print(f"sample generation: {evaluated['sample']}", markup=False, highlight=False)
+    if evaluated.get("harness"):
+        harness = Table(title="lm-evaluation-harness", title_justify="left")
+        for column in ("task", "metric", "value"):
+            harness.add_column(column, justify="right" if column == "value" else "left")
+        for task, metrics in evaluated["harness"].items():
+            for metric, value in metrics.items():
+                harness.add_row(task, metric, f"{value:.4g}")
+        console.print(harness)
+    # the document continuation of the model trained to continue documents; a chat model's is its chat answer
+    pretrained = runs.get("pretrain", {}).get("manifest", {}).get("stats", {})
+    sample = pretrained.get("sample", evaluated.get("sample"))
+    if sample is not None:
+        console.print(f"sample generation: {sample}", markup=False, highlight=False)
     if evaluated.get("chat_sample"):
         chat = evaluated["chat_sample"]
         console.print(f"sample chat:  user: {chat['user']}\n        assistant: {chat['assistant']}", markup=False,

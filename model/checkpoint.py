@@ -12,6 +12,7 @@ checkpoint can be broken into one clear `CheckpointError` line naming the file.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shutil
@@ -22,11 +23,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model.model import ModelConfig, Transformer
+from model.model import ModelConfig, Transformer, rope_tables
 from storage import TEMP_MARK, InputError, atomic_dir, atomic_write_bytes, finish_dir
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+log = logging.getLogger("kiln")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -86,6 +88,10 @@ def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> tupl
         raise CheckpointError(f"{weights}: missing") from None
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights}: corrupt or truncated ({err})") from None
+    if "quantization" in meta:
+        with torch.device("meta"):  # no full-precision weights allocated only to be replaced
+            model = Transformer(config)
+        return _load_quantized(model, state, meta, weights), meta
     model = Transformer(config).to(device)
     try:
         model.load_state_dict(state, strict=not config.tie_embeddings)
@@ -98,12 +104,48 @@ def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> tupl
     return model.eval(), meta
 
 
+def _load_quantized(model: Transformer, state: dict[str, torch.Tensor], meta: dict, weights: Path) -> Transformer:
+    """A quantize artifact's model (model/quantize.py): its int8/int4 layers in place."""
+    from model.quantization import load_quantized
+
+    spec = meta["quantization"]
+    try:
+        kernels = load_quantized(model, state, list(spec["layers"]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{weights}: does not fit its quantization ({str(err).splitlines()[0]})") from None
+    device = next(iter(state.values())).device
+    model.rope_cos, model.rope_sin = (t.to(device) for t in rope_tables(model.config.head_dim, model.config.seq_len,
+                                                                          model.config.rope_theta))
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{weights}: does not fit its quantization (no tensor for {left[0]})")
+    log.info("%s: %s model; matmuls: %s", weights.parent, spec.get("method"),
+             ", ".join(f"{count} by {kind}" for kind, count in sorted(kernels.items())))
+    return model.eval()
+
+
 # ------------------------------------------------------------------ training state
 
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TRAINING_STATE = "training_state.json"
 SHARDS = "state"  # the model's and the optimizer's tensors, one safetensors file per rank
+
+
+def model_inputs(stage: str, model_stage: str, inputs: list) -> tuple:
+    """(trained model, pack, tokenizer) manifests of a stage that reads a trained model with its
+    data (quantize, evaluate), checked."""
+    if [m.stage for m in inputs] != [model_stage, "pack", "tokenizer"]:
+        raise InputError(f"{stage}: needs a {model_stage}, a pack and a tokenizer artifact, got {[m.stage for m in inputs]}")
+    return tuple(inputs)
+
+
+def artifact_checkpoint(store, manifest, scratch: Path | None = None) -> Path:
+    """The checkpoint directory (`model/`) of a trained or quantized model artifact; with
+    `scratch`, a local copy there when the store is remote."""
+    if not any(f.path == f"model/{WEIGHTS}" for f in manifest.files):
+        raise InputError(f"{manifest.stage}/{manifest.short}: not a trained model artifact (no model/{WEIGHTS})")
+    return store.local_dir(manifest, "model", scratch) if scratch is not None else store.local_path(manifest, "model")
 
 
 def rng_file(rank: int) -> str:

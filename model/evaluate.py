@@ -15,7 +15,7 @@ import json
 import math
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -131,6 +131,8 @@ def continuation_task(texts: list[str], questions: int, choices: int = 4, contex
 
 
 class EvaluateConfig(StageConfig):
+    model: Literal["pretrain", "sft", "dpo", "quantize"] = Field(
+        "dpo", description="Which model of the chain to evaluate (quantize: the quantized one).")
     eval_batches: int = Field(50, ge=1, description="Validation batches for loss / perplexity / bits per byte.")
     batch_size: int = Field(16, ge=1)
     mc_file: str | None = Field(None, description="A local JSONL multiple-choice file; None: the held-out "
@@ -138,15 +140,15 @@ class EvaluateConfig(StageConfig):
     mc_questions: int = Field(200, ge=1, description="Questions in the built continuation task.")
     sample_prompt: str = Field("The", description="A prompt for the sample generation recorded with the results.")
     sample_tokens: int = Field(60, ge=1)
+    harness: list[str] = Field([], description="lm-evaluation-harness tasks to run on the model (e.g. hellaswag, "
+                                               "arc_easy: downloaded by lm_eval, or local YAMLs via harness_include_path).")
+    harness_include_path: str | None = Field(None, description="A directory of local lm_eval task YAMLs.")
+    harness_limit: int | None = Field(None, ge=1, description="At most this many examples per harness task.")
+    harness_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (None: each task's default).")
+    harness_batch_size: int = Field(8, ge=1)
     chat_prompt: str | None = Field("What does `json.dumps` do?",
                                     description="A user message answered (greedily) when the model is a chat model "
                                                 "(SFT or DPO); None: no chat sample.")
-
-
-def _model_dir(store: ArtifactStore, manifest: Manifest) -> Path:
-    if not any(f.path == "model/model.safetensors" for f in manifest.files):
-        raise InputError(f"{manifest.stage}/{manifest.short}: not a trained model artifact (no model/model.safetensors)")
-    return store.local_path(manifest, "model")
 
 
 def _val_documents(store: ArtifactStore, pack: Manifest, tokenizer, bos_id: int, limit: int) -> list[str]:
@@ -187,14 +189,14 @@ def build_evaluate(config: EvaluateConfig, inputs: list[Manifest], store: Artifa
                    writer: ArtifactWriter) -> dict[str, Any]:
     from tokenizers import Tokenizer
 
-    from model.checkpoint import load_checkpoint
+    from model.checkpoint import artifact_checkpoint, load_checkpoint, model_inputs
     from model.data import TokenShardLoader
-    from model.generate import SamplingConfig, generate_tokens
+    from model.generate import sample_continuation
 
-    if [m.stage for m in inputs[1:]] != ["pack", "tokenizer"]:
-        raise InputError(f"evaluate: needs a model, a pack and a tokenizer artifact, got {[m.stage for m in inputs]}")
-    trained, pack, tokenizer_manifest = inputs
-    model, meta = load_checkpoint(_model_dir(store, trained))
+    trained, pack, tokenizer_manifest = model_inputs("evaluate", config.model, inputs)
+    model, meta = load_checkpoint(artifact_checkpoint(store, trained))
+    # a quantized model is a chat model when the model it was made from is one
+    made_by = meta.get("quantization", {}).get("source", trained.stage).split("/")[0]
     tokenizer = Tokenizer.from_file(str(store.local_path(tokenizer_manifest, "tokenizer.json")))
     bos_id = tokenizer.token_to_id("<|bos|>")
     loader = TokenShardLoader(store, pack, split="val", batch_size=config.batch_size, seed=0, shuffle=False)
@@ -205,16 +207,26 @@ def build_evaluate(config: EvaluateConfig, inputs: list[Manifest], store: Artifa
     if items:
         results.update(multiple_choice(model, tokenizer, items, "cpu"))
         results["mc_chance"] = sum(1 / len(i["endings"]) for i in items) / len(items)
-    prompt = [bos_id, *tokenizer.encode(config.sample_prompt, add_special_tokens=False).ids]
-    sample = list(generate_tokens(model, prompt, SamplingConfig(max_new_tokens=config.sample_tokens, temperature=0.8,
-                                                                  seed=0), stop_ids={bos_id}))
-    results["sample"] = config.sample_prompt + tokenizer.decode(sample)
-    if config.chat_prompt and trained.stage in ("sft", "dpo"):
+    chat_model = made_by in ("sft", "dpo")
+    from model.chat import STOP_TOKENS  # a chat model ends its turn, and so its text, at <|end|>
+
+    results["sample"] = sample_continuation(model, tokenizer, config.sample_prompt, config.sample_tokens,
+                                            stop_tokens=("<|bos|>", *STOP_TOKENS) if chat_model else ("<|bos|>",))
+    if config.chat_prompt and chat_model:
         results["chat_sample"] = {"user": config.chat_prompt,
-                                  "assistant": chat_reply(model, _model_dir(store, trained), config)}
+                                  "assistant": chat_reply(model, artifact_checkpoint(store, trained), config)}
+    if config.harness:
+        from model.harness import run_harness, summary
+
+        harness = run_harness(artifact_checkpoint(store, trained), config.harness, config.harness_include_path,
+                              config.harness_limit, config.harness_fewshot, config.harness_batch_size)
+        writer.write_json("harness.json", harness)
+        results["harness"] = summary(harness)
     results["model"] = f"{trained.stage}/{trained.fingerprint}"
+    if "quantization" in meta:
+        results["quantization"] = {k: v for k, v in meta["quantization"].items() if k != "layers"}
     writer.write_json("results.json", results)
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in results.items()}
 
 
-STAGE = Stage("evaluate", EvaluateConfig, build_evaluate, code_version="2")  # 2: the chat sample
+STAGE = Stage("evaluate", EvaluateConfig, build_evaluate, code_version="3")  # 3: a chat model's sample ends at <|end|>

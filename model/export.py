@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from model.checkpoint import TOKENIZER_FILES, load_checkpoint
@@ -44,19 +45,30 @@ def llama_config(config: ModelConfig, special_ids: dict[str, int] | None = None)
     }
 
 
-def llama_state_dict(model: Transformer) -> dict:
-    """Kiln parameter names -> Hugging Face Llama names."""
-    state = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
+def _dense(module) -> torch.Tensor:
+    """A layer's weight as a float matrix, dequantized when the model is a quantized one."""
+    from model.quantization import QuantizedEmbedding, QuantizedLinear
+
+    if isinstance(module, QuantizedEmbedding):
+        module = module.linear
+    if isinstance(module, QuantizedLinear):
+        return module.weight_q.dequantize()
+    return module.weight
+
+
+def llama_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Kiln parameter names -> Hugging Face Llama names, every weight dense (dequantized)."""
+    state = {"model.embed_tokens.weight": _dense(model.embed), "model.norm.weight": model.norm.weight}
     for i, block in enumerate(model.blocks):
         prefix = f"model.layers.{i}."
         for name in ("q", "k", "v", "o"):
-            state[f"{prefix}self_attn.{name}_proj.weight"] = getattr(block.attn, f"{name}_proj").weight
+            state[f"{prefix}self_attn.{name}_proj.weight"] = _dense(getattr(block.attn, f"{name}_proj"))
         for name in ("gate", "up", "down"):
-            state[f"{prefix}mlp.{name}_proj.weight"] = getattr(block.mlp, f"{name}_proj").weight
+            state[f"{prefix}mlp.{name}_proj.weight"] = _dense(getattr(block.mlp, f"{name}_proj"))
         state[f"{prefix}input_layernorm.weight"] = block.attn_norm.weight
         state[f"{prefix}post_attention_layernorm.weight"] = block.mlp_norm.weight
     if not model.config.tie_embeddings:
-        state["lm_head.weight"] = model.head.weight
+        state["lm_head.weight"] = _dense(model.head)
     return {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
 
 

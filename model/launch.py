@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -94,16 +95,24 @@ class TrainingFailed(RuntimeError):
     """The training process exited non-zero; retrying resumes from its last checkpoint."""
 
 
-def run_accelerate(script_module: str, run_json: Path, launch: LaunchConfig, log_file: Path) -> None:
+DRIVER_PID = "KILN_DRIVER_PID"  # the process that launched training; the ranks exit when it is gone
+
+
+def run_accelerate(script_module: str, run_json: Path, launch: LaunchConfig, log_file: Path,
+                   lock_fd: int | None = None) -> None:
     """Run to completion, streaming lines to the `kiln` logger (and all of them to log_file).
 
     The child gets its own process group; whatever ends this function early (an exception,
-    Prefect cancelling the run, Ctrl-C) takes the whole group down with it.
+    Prefect cancelling the run, Ctrl-C) takes the whole group down with it. A SIGKILL of this
+    process ends nothing, so: every rank exits within a second of this process's death
+    (`exit_with_driver`), and the launcher inherits the artifact's lock (`lock_fd`) and holds
+    it until its ranks are gone, so a rerun never resumes while an orphan still writes.
     """
     command, env = accelerate_command(script_module, run_json, launch)
+    env[DRIVER_PID] = str(os.getpid())
     tail: collections.deque[str] = collections.deque(maxlen=40)
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               bufsize=1, start_new_session=True)
+                               bufsize=1, start_new_session=True, pass_fds=() if lock_fd is None else (lock_fd,))
     try:
         with open(log_file, "a") as sink:
             for line in process.stdout:
@@ -133,6 +142,28 @@ def _forward(line: str) -> None:
     elif time.monotonic() - _last_other_line > 1.0:
         _last_other_line = time.monotonic()
         log.info(line[:300])
+
+
+def exit_with_driver(interval_s: float = 0.5) -> None:
+    """In a training process: end it (exit status 1) as soon as the process named by
+    $KILN_DRIVER_PID is gone, checked every `interval_s` by a daemon thread. A rank killed here
+    is a rank killed anywhere: the rerun resumes from the last complete checkpoint."""
+    pid = int(os.environ.get(DRIVER_PID, "0") or 0)
+    if pid <= 0:
+        return
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                print(f"kiln: the run that started this training (pid {pid}) is gone; stopping", flush=True)
+                os._exit(1)
+            except PermissionError:  # alive, someone else's: not ours, yet the pid exists
+                continue
+
+    threading.Thread(target=watch, name="kiln-driver-watch", daemon=True).start()
 
 
 def stop_process_group(process: subprocess.Popen, grace_s: float = 10) -> None:

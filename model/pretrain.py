@@ -28,6 +28,8 @@ class PretrainConfig(StageConfig):
     model: ModelShape = Field(default_factory=ModelShape)
     train: TrainConfig = Field(default_factory=TrainConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    sample_prompt: str = Field("The", description="Continued by the trained model; the continuation is in the stats.")
+    sample_tokens: int = Field(60, ge=1, description="Tokens of that sample.")
 
 
 def check_inputs(inputs: list[Manifest]) -> tuple[Manifest, Manifest]:
@@ -60,7 +62,21 @@ def build_pretrain(config: PretrainConfig, inputs: list[Manifest], store: Artifa
             tokenizer_dir=store.local_dir(tokenizer, "", scratch),
         )
         out_dir = run_training(spec, config.launch, store, writer)
-        return {**training_stats(out_dir), "documents_in": pack.stats.get("documents_out")}
+        return {**training_stats(out_dir), "documents_in": pack.stats.get("documents_out"),
+                "sample": sample(out_dir, config.sample_prompt, config.sample_tokens)}
 
 
-STAGE = Stage("pretrain", PretrainConfig, build_pretrain, code_version="1")
+def sample(out_dir: Path, prompt: str, tokens: int) -> str:
+    """The trained model's continuation of `prompt`, as nanoGPT prints one after training: the
+    summary shows it (a chat-tuned model is shown answering a chat instead, see evaluate)."""
+    from tokenizers import Tokenizer
+
+    from model.checkpoint import load_checkpoint
+    from model.generate import sample_continuation
+    from model.train import FINAL
+
+    model, _ = load_checkpoint(out_dir / FINAL)
+    return sample_continuation(model, Tokenizer.from_file(str(out_dir / FINAL / "tokenizer.json")), prompt, tokens)
+
+
+STAGE = Stage("pretrain", PretrainConfig, build_pretrain, code_version="2")  # 2: the sample

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from model.checkpoint import (full_model_state, latest_checkpoint, load_training_checkpoint, rewrite_lines,
                               save_checkpoint, save_training_checkpoint)
+from model.launch import exit_with_driver
 from model.model import Transformer, parameter_groups
 from model.objectives import OBJECTIVES
 from model.parallel import Distributed, no_gradient_sync, parallelize, unwrap
@@ -253,6 +254,7 @@ def _step_of(line: str) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     argv = argv if argv is not None else sys.argv[1:]
+    exit_with_driver()  # killed with the `kiln` run that launched it, never orphaned
     spec = RunSpec.read(argv[0])  # parsed here, once; every part is a pydantic object from now on
     torch.use_deterministic_algorithms(True, warn_only=True)
     run = Run(spec)

@@ -115,7 +115,7 @@ def run_training(spec: RunSpec, launch: LaunchConfig, store: ArtifactStore, writ
     `model.train` on it under accelerate."""
     spec = spec.model_copy(update={"expected_world_size": launch.num_processes * launch.num_machines,
                                    "parallelism": launch.parallelism})
-    run_accelerate("model.train", spec.write(), launch, spec.out_dir / "train.log")
+    run_accelerate("model.train", spec.write(), launch, spec.out_dir / "train.log", lock_fd=writer.lock_fd)
     if not store.is_local:
         for path in sorted(spec.out_dir.rglob("*")):
             if path.is_file():

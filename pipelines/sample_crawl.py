@@ -100,4 +100,4 @@ def build_sample_crawl(config: SampleCrawlConfig, inputs: list[Manifest], store:
 
 # The pages depend on the Python that renders them: its version is part of the code version.
 STAGE = Stage("sample-crawl", SampleCrawlConfig, build_sample_crawl,
-              code_version=f"1-python{sys.version.split()[0]}")
+              code_version=f"2-python{sys.version.split()[0]}")

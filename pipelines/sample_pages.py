@@ -69,18 +69,74 @@ def _import(name: str) -> bool:
         return False
 
 
+COLUMNS = re.compile(r"\S {3,}\S")  # text laid out in columns: a table or a diagram, not prose
+
+
 def docstring_html(doc: str | None) -> str:
-    """Paragraphs of a docstring as HTML; doctest and indented blocks as <pre>."""
+    """Paragraphs of a docstring as HTML; doctests, indented blocks and blocks laid out in
+    columns (ASCII tables and diagrams) as <pre>, as a documentation site shows them."""
     if not doc:
         return ""
     parts = []
     for block in re.split(r"\n\s*\n", inspect.cleandoc(doc)):
         lines = block.splitlines()
-        if lines and (lines[0].lstrip().startswith(">>>") or all(l.startswith("    ") for l in lines)):
+        if lines and (lines[0].lstrip().startswith((">>>", "|", "+")) or all(l.startswith("    ") for l in lines)
+                      or any(COLUMNS.search(l) for l in lines)):  # examples, code, diagrams, aligned columns
             parts.append(f"<pre>{html.escape(block)}</pre>")
         else:
             text = ROLE.sub(r"\1", " ".join(l.strip() for l in lines))
             parts.append(f"<p>{html.escape(text)}</p>")
+    return "\n".join(parts)
+
+
+def _plain(text: str) -> str:
+    return ROLE.sub(r"\1", text)
+
+
+def grid_table_html(lines: list[str]) -> str:
+    """An ASCII grid table (reST's, as Sphinx's text builder writes them) as an HTML table: the
+    column edges are the `+` of its first border; a row's text lines are joined per cell; the
+    row above a `+===+` border is the header."""
+    border = lines[0].strip()
+    indent = len(lines[0]) - len(lines[0].lstrip())
+    edges = [i for i, c in enumerate(border) if c == "+"]
+    rows, current, header_rows = [], None, 0
+    for line in lines[1:]:
+        line = line[indent:]
+        if line.startswith("+") or set(line.strip()) <= set("|+="):  # a border; `=` ends the header
+            if current is not None:
+                rows.append(current)
+            current = None
+            if "=" in line:
+                header_rows = len(rows)
+            continue
+        cells = [line[a + 1:b].strip() for a, b in zip(edges, edges[1:])]
+        current = cells if current is None else [f"{x} {y}".strip() for x, y in zip(current, cells)]
+    if current is not None:
+        rows.append(current)
+
+    def row_html(cells: list[str], tag: str) -> str:
+        return "<tr>" + "".join(f"<{tag}>{html.escape(_plain(c))}</{tag}>" for c in cells) + "</tr>"
+
+    head = "".join(row_html(r, "th") for r in rows[:header_rows])
+    body = "".join(row_html(r, "td") for r in rows[header_rows:])
+    return f"<table>{'<thead>' + head + '</thead>' if head else ''}<tbody>{body}</tbody></table>"
+
+
+def topic_html(text: str) -> str:
+    """A reference-manual topic (Sphinx's text rendering) as HTML: grid tables as <table>,
+    indented blocks (code, grammar, examples) as <pre>, the rest as paragraphs."""
+    parts = []
+    for block in re.split(r"\n\s*\n", text):
+        lines = [line for line in block.splitlines() if line.strip()]
+        if not lines:
+            continue
+        if lines[0].strip().startswith("+-") and lines[0].strip().endswith("+"):
+            parts.append(grid_table_html(lines))
+        elif all(line.startswith("   ") for line in lines) and not lines[0].lstrip().startswith(("* ", "- ")):
+            parts.append(f"<pre>{html.escape(inspect.cleandoc(chr(10).join(lines)))}</pre>")
+        else:
+            parts.append(f"<p>{html.escape(_plain(' '.join(' '.join(lines).split())))}</p>")
     return "\n".join(parts)
 
 
@@ -162,10 +218,7 @@ def pages() -> list[dict]:
     from pydoc_data.topics import topics
 
     for topic in sorted(topics):
-        paragraphs = "\n".join(
-            f"<p>{html.escape(' '.join(p.split()))}</p>" for p in re.split(r"\n\s*\n", topics[topic]) if p.strip()
-        )
-        body = f"<h1>{html.escape(topic)}</h1>\n{paragraphs}"
+        body = f"<h1>{html.escape(topic)}</h1>\n{topic_html(topics[topic])}"
         out.append({"url": f"{HOST}/{VERSION}/reference/topics/{topic}.html",
                     "html": page(topic, body, VERSION, (topic, topic))})
     return out

@@ -31,21 +31,28 @@ def is_temporary(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_file(final: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]:
-    """Write under a temporary name; flushed, fsynced and renamed to `final` when the block
-    succeeds, removed when it fails."""
+def atomic_path(final: str | os.PathLike) -> Iterator[str]:
+    """A temporary path beside `final`, for a writer that opens the file itself (a library's);
+    fsynced and renamed to `final` when the block succeeds, removed when it fails."""
     final = os.fspath(final)
     os.makedirs(os.path.dirname(final) or ".", exist_ok=True)
     temp = temp_name(final)
     try:
-        with open(temp, mode) as handle:
-            yield handle
-            handle.flush()
+        yield temp
+        with open(temp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temp, final)
     finally:
         if os.path.exists(temp):
             os.remove(temp)
+
+
+@contextlib.contextmanager
+def atomic_file(final: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]:
+    """Write under a temporary name; flushed, fsynced and renamed to `final` when the block
+    succeeds, removed when it fails."""
+    with atomic_path(final) as temp, open(temp, mode) as handle:
+        yield handle
 
 
 def atomic_write_bytes(final: str | os.PathLike, data: bytes) -> None:

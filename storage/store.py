@@ -343,11 +343,12 @@ class ArtifactStore:
         """
         if not force and (existing := self.get(stage, fp, verify)):
             return existing
-        with self._lock(stage, fp):
+        with self._lock(stage, fp) as lock_fd:
             if not force and (existing := self.get(stage, fp, verify)):
                 return existing  # another process built it while we waited
             self._remove_abandoned_staging(stage, keep=fp)
             writer = ArtifactWriter(self, stage, fp, config, inputs, code_version)
+            writer.lock_fd = lock_fd
             writer.prepare(fresh=force)
             try:
                 stats = build(writer) or {}
@@ -359,11 +360,13 @@ class ArtifactStore:
             return manifest
 
     @contextlib.contextmanager
-    def _lock(self, stage: str, fp: str) -> Iterator[None]:
-        """An exclusive lock per artifact: flock on local disk, a lease object on object stores."""
+    def _lock(self, stage: str, fp: str) -> Iterator[int | None]:
+        """An exclusive lock per artifact: flock on local disk, a lease object on object stores.
+        Yields the lock file's descriptor on local disk: a process that inherits it holds the lock
+        with us, and after us if we are killed (the training launcher, see model/launch.py)."""
         if not self.is_local:
             with ObjectLease(self.fs, posixpath.join(self.stage_dir(stage), ".locks", f"{fp}.lease"), f"{stage}/{fp[:12]}"):
-                yield
+                yield None
             return
         lock_dir = Path(self.stage_dir(stage), ".locks")
         lock_dir.mkdir(parents=True, exist_ok=True)
@@ -374,7 +377,7 @@ class ArtifactStore:
                 log.warning("%s/%s is being built by another run; waiting for it", stage, fp[:12])
                 fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                yield
+                yield handle.fileno()
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -488,6 +491,7 @@ class ArtifactWriter:
     def __init__(self, store: ArtifactStore, stage: str, fp: str, config: dict, inputs: list[str], code_version: str):
         self.store_url = store.url
         self.storage_options = store.storage_options
+        self.lock_fd: int | None = None  # the artifact's lock, in the building process only (see produce)
         self.stage = stage
         self.fingerprint = fp
         self.config = config

@@ -38,7 +38,14 @@ STAGE = Stage("toy", ToyConfig, build_toy)
 
 def test_the_chain_of_a_stage_is_what_it_reads():
     assert [e.name for e in chain("tokenizer")] == ["sample-crawl", "ingest", "clean", "dedup", "tokenizer"]
-    assert [e.name for e in chain("evaluate")] == [e.name for e in TABLE], "evaluate needs every stage"
+    everything_but_quantize = [e.name for e in TABLE if e.name != "quantize"]
+    assert [e.name for e in chain("evaluate")] == everything_but_quantize, "evaluate reads the dpo model"
+    from flows.config import load_config
+
+    quantized = load_config(None, ["evaluate.model=quantize"])
+    assert [e.name for e in chain("evaluate", quantized)] == [e.name for e in TABLE]
+    of_pretrain = load_config(None, ["quantize.model=pretrain"])
+    assert "sft" not in {e.name for e in chain("quantize", of_pretrain)}, "no SFT to quantize a pretrained model"
     assert CHAINS["run"][0] == TABLE[-1].name and set(STAGES) == {e.name for e in TABLE}
     with pytest.raises(KeyError, match="no stage 'nope'"):
         chain("nope")

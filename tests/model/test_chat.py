@@ -4,13 +4,11 @@ when the context fills, /reset, /exit and Ctrl-D; and the command driven through
 terminal (pexpect)."""
 
 import io
-import json
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from model.chat import ChatSession, load_for_generation, run_chat
 from model.chat_format import ChatFormat

@@ -1,5 +1,6 @@
 """Pretraining under accelerate: resume after SIGKILL is bit-identical; 2 CPU ranks are real."""
 
+import fcntl
 import json
 import os
 import re
@@ -118,9 +119,23 @@ def kill_mid_run(store_dir: Path, script_config: str, inputs, checkpoint: str = 
     while not any((staging / "checkpoints").glob(checkpoint)) or step_logged(staging) < 10:
         assert victim.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
-        time.sleep(0.2)
+        time.sleep(0.02)
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
+    # The training processes are in a process group of their own: they outlive the SIGKILL of the
+    # run that launched them by at most a second (they watch it), and their launcher holds the
+    # artifact's lock until they are gone, so nothing writes into the staging directory after this.
+    fingerprint = staging.name.removeprefix(".staging-")
+    with open(store_dir / "pretrain" / ".locks" / f"{fingerprint}.lock", "a+") as handle:
+        deadline = time.time() + 30
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.time() < deadline, "the orphaned training processes did not exit"
+                time.sleep(0.1)
+        fcntl.flock(handle, fcntl.LOCK_UN)
     # On a loaded machine the run can outpace the poll and write a later checkpoint before the kill
     # lands. Removing those leaves exactly what a kill a few steps after `checkpoint` leaves (resume
     # truncates metrics.jsonl to the checkpoint's step), so the resume under test is always mid-run.
