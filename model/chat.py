@@ -79,6 +79,16 @@ def stream_text(loaded: Loaded, prompt_ids: list[int], sampling: SamplingConfig,
 STOP_TOKENS = (END, BOS, PAD, "<|system|>", "<|user|>", "<|assistant|>")
 
 
+def sample_document(loaded: Loaded, prompt: str, max_new_tokens: int, seed: int = 0,
+                    stop_tokens: tuple[str, ...] = ("<|bos|>",)) -> str:
+    """`prompt` continued as the start of a document, sampled with the default temperature,
+    top-k and top-p and a fixed seed: the sample a stage records with its results."""
+    stop = {loaded.token_id(t) for t in stop_tokens}
+    tokens = list(generate_tokens(loaded.model, loaded.encode_document_start(prompt),
+                                  SamplingConfig(max_new_tokens=max_new_tokens, seed=seed), stop_ids=stop))
+    return prompt + loaded.tokenizer.decode(tokens)
+
+
 class ContextFull(ValueError):
     """A message too long for the model's context even with every earlier turn dropped."""
 

@@ -191,7 +191,6 @@ def build_evaluate(config: EvaluateConfig, inputs: list[Manifest], store: Artifa
 
     from model.checkpoint import artifact_checkpoint, load_checkpoint, model_inputs
     from model.data import TokenShardLoader
-    from model.generate import sample_continuation
 
     trained, pack, tokenizer_manifest = model_inputs("evaluate", config.model, inputs)
     model, meta = load_checkpoint(artifact_checkpoint(store, trained))
@@ -208,10 +207,11 @@ def build_evaluate(config: EvaluateConfig, inputs: list[Manifest], store: Artifa
         results.update(multiple_choice(model, tokenizer, items, "cpu"))
         results["mc_chance"] = sum(1 / len(i["endings"]) for i in items) / len(items)
     chat_model = made_by in ("sft", "dpo")
-    from model.chat import STOP_TOKENS  # a chat model ends its turn, and so its text, at <|end|>
+    from model.chat import STOP_TOKENS, Loaded, sample_document  # a chat model's text ends at <|end|>
 
-    results["sample"] = sample_continuation(model, tokenizer, config.sample_prompt, config.sample_tokens,
-                                            stop_tokens=("<|bos|>", *STOP_TOKENS) if chat_model else ("<|bos|>",))
+    results["sample"] = sample_document(Loaded(model, tokenizer, artifact_checkpoint(store, trained)),
+                                        config.sample_prompt, config.sample_tokens,
+                                        stop_tokens=("<|bos|>", *STOP_TOKENS) if chat_model else ("<|bos|>",))
     if config.chat_prompt and chat_model:
         results["chat_sample"] = {"user": config.chat_prompt,
                                   "assistant": chat_reply(model, artifact_checkpoint(store, trained), config)}

@@ -79,15 +79,3 @@ def greedy_without_cache(model: Transformer, prompt: list[int], max_new_tokens: 
         logits, _ = model(torch.tensor([tokens], device=device))
         tokens.append(int(logits[0, -1].argmax()))
     return tokens[len(prompt):]
-
-
-def sample_continuation(model: Transformer, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0,
-                        stop_tokens: tuple[str, ...] = ("<|bos|>",)) -> str:
-    """`prompt` continued as the start of a document (after <|bos|>), sampled with the default
-    temperature, top-k and top-p and a fixed seed: the sample a stage records with its results."""
-    bos_id = tokenizer.token_to_id("<|bos|>")
-    ids = [bos_id, *tokenizer.encode(prompt, add_special_tokens=False).ids]
-    stop = {tokenizer.token_to_id(t) for t in stop_tokens} - {None}
-    tokens = list(generate_tokens(model, ids, SamplingConfig(max_new_tokens=max_new_tokens, seed=seed), stop_ids=stop))
-    return prompt + tokenizer.decode(tokens)
-

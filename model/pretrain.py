@@ -69,14 +69,10 @@ def build_pretrain(config: PretrainConfig, inputs: list[Manifest], store: Artifa
 def sample(out_dir: Path, prompt: str, tokens: int) -> str:
     """The trained model's continuation of `prompt`, as nanoGPT prints one after training: the
     summary shows it (a chat-tuned model is shown answering a chat instead, see evaluate)."""
-    from tokenizers import Tokenizer
-
-    from model.checkpoint import load_checkpoint
-    from model.generate import sample_continuation
+    from model.chat import load_for_generation, sample_document
     from model.train import FINAL
 
-    model, _ = load_checkpoint(out_dir / FINAL)
-    return sample_continuation(model, Tokenizer.from_file(str(out_dir / FINAL / "tokenizer.json")), prompt, tokens)
+    return sample_document(load_for_generation(out_dir / FINAL), prompt, tokens)
 
 
 STAGE = Stage("pretrain", PretrainConfig, build_pretrain, code_version="2")  # 2: the sample

@@ -117,9 +117,7 @@ def build_quantize(config: QuantizeConfig, inputs: list[Manifest], store: Artifa
         write_model(out, quantized_state(model, weights), model.config, source,
                     extra={"quantization": spec, **{k: v for k, v in meta.items() if k not in ("model", "quantization")}})
         if not store.is_local:
-            for path in sorted(out.iterdir()):
-                with writer.open(f"model/{path.name}") as handle:
-                    handle.write(path.read_bytes())
+            writer.write_tree(out, "model")
         source_bytes = (source / WEIGHTS).stat().st_size
         quantized_bytes = (out / WEIGHTS).stat().st_size
     stats = {**spec, "bytes": quantized_bytes, "source_bytes": source_bytes,

@@ -117,10 +117,7 @@ def run_training(spec: RunSpec, launch: LaunchConfig, store: ArtifactStore, writ
                                    "parallelism": launch.parallelism})
     run_accelerate("model.train", spec.write(), launch, spec.out_dir / "train.log", lock_fd=writer.lock_fd)
     if not store.is_local:
-        for path in sorted(spec.out_dir.rglob("*")):
-            if path.is_file():
-                with writer.open(path.relative_to(spec.out_dir).as_posix()) as handle:
-                    handle.write(path.read_bytes())
+        writer.write_tree(spec.out_dir)
     return spec.out_dir
 
 

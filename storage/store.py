@@ -581,6 +581,13 @@ class ArtifactWriter:
         with self.open(relpath) as handle:
             handle.write(data)
 
+    def write_tree(self, local_dir: Path, prefix: str = "") -> None:
+        """Every file under `local_dir` (written by a library that only writes local files, on
+        scratch space), under `prefix` in the artifact: how such outputs reach an object store."""
+        for path in sorted(Path(local_dir).rglob("*")):
+            if path.is_file():
+                self.write_bytes(posixpath.join(prefix, path.relative_to(local_dir).as_posix()), path.read_bytes())
+
     def write_json(self, relpath: str, value: Any) -> None:
         self.write_bytes(relpath, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False).encode())
 

@@ -233,3 +233,16 @@ def test_no_temporary_file_survives_into_a_committed_artifact(tmp_path):
     with pytest.raises(StorageError, match="a temporary file in the artifact being committed"):
         produce(store, fp="e" * 64, build=leaves_a_temporary)
     assert store.get("demo", "e" * 64) is None
+
+
+def test_write_tree_puts_a_local_directory_into_an_object_store_artifact(tmp_path):
+    """How the training and quantize stages' local outputs reach a remote store."""
+    (tmp_path / "out" / "a").mkdir(parents=True)
+    (tmp_path / "out" / "a" / "x.bin").write_bytes(b"12")
+    (tmp_path / "out" / "top.json").write_text("{}")
+    store = ArtifactStore(f"memory://write-tree-{tmp_path.name}")
+    made = store.produce("toy", "e" * 64, lambda w: w.write_tree(tmp_path / "out", "model") or {}, config={},
+                         inputs=[], code_version="1")
+    assert sorted((f.path, f.bytes) for f in made.files) == [("model/a/x.bin", 2), ("model/top.json", 2)]
+    with store.open(made, "model/a/x.bin") as handle:
+        assert handle.read() == b"12"
