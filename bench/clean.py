@@ -36,7 +36,6 @@ includes its worker's pipe) in each contender's best round.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -51,6 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from bench._results import result_path, write_result  # noqa: E402
 
 import extraction  # noqa: E402 - bench/extraction.py: the same pages, CPU pinning and quiet logs
 
@@ -275,7 +275,7 @@ def print_report(n: int, results: dict[str, dict], ratio: dict[str, float]) -> N
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="rounds; each contender's best round counts")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=result_path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if not (AEB / "ground-truth.json").is_file():
         print(f"skipped: benchmark data not found at {AEB}")
@@ -308,8 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         "contenders": results,
         "ratios": ratio,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_result(args.out, out)
     print(f"\nwritten: {args.out}")
     return 0
 

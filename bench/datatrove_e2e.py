@@ -23,7 +23,6 @@ pages per second, wall clock, and each side's kept documents. Goal: Kiln >= 2x d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -34,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._results import result_path, write_result  # noqa: E402
 
 from bench.debian_docs import write_warcs  # noqa: E402
 
@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "datatrove_e2e.json")
+    parser.add_argument("--out", type=result_path, default=ROOT / "bench" / "results" / "datatrove_e2e.json")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="kiln-e2e-"))
     warcs = work / f"x{args.copies}"
@@ -128,8 +128,7 @@ def main() -> None:
     print(f"{pages:,} pages, {args.workers} workers: kiln {result['kiln_docs_per_s']} pages/s "
           f"(kept {kiln['kept']:,}), datatrove {result['datatrove_docs_per_s']} pages/s (kept {theirs['kept']:,}): "
           f"{result['ratio']}x (goal >= 2x)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

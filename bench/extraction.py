@@ -41,6 +41,7 @@ from datatrove.pipeline.extractors.base import BaseExtractor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from bench._results import result_path, write_result  # noqa: E402
 
 AEB = ROOT.parent / "shared" / "data" / "html_extraction" / "scrapinghub_aeb"
 DEFAULT_OUT = ROOT / "bench" / "results" / "extraction.json"
@@ -279,7 +280,7 @@ def print_table(n: int, cpu_s: dict, quality: dict, block_s: dict, kept: dict, o
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="rounds; each contender's best round counts")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=result_path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if not (AEB / "ground-truth.json").is_file():
         print(f"skipped: benchmark data not found at {AEB}")
@@ -313,8 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "orchestration_ms_per_page": orchestration_ms,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_result(args.out, results)
     print(f"\nwritten: {args.out}")
     return 0
 

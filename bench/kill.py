@@ -19,7 +19,6 @@ behind. A trial that fails prints its seed and moment; the script exits 1.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import signal
@@ -31,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._results import result_path, write_result  # noqa: E402
 
 from storage import TEMP_MARK, ArtifactStore  # noqa: E402
 
@@ -75,7 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kill.json")
+    parser.add_argument("--out", type=result_path, default=ROOT / "bench" / "results" / "kill.json")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
@@ -123,9 +123,8 @@ def main() -> None:
     stages_hit = sorted({s for r in results for s in r["killed_in"]})
     print(f"\n{args.trials - failures}/{args.trials} trials identical with no leftovers; "
           f"killed while building: {', '.join(stages_hit)}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"seed": seed, "reference_s": round(duration, 1), "trials": results,
-                                    "stages_hit": stages_hit, "failures": failures}, indent=2))
+    write_result(args.out, {"seed": seed, "reference_s": round(duration, 1), "trials": results,
+                                    "stages_hit": stages_hit, "failures": failures})
     sys.exit(1 if failures else 0)
 
 

@@ -41,6 +41,7 @@ from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._results import result_path, write_result  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--planted", type=int, default=300, help="planted near-duplicate pairs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cpu", type=int, default=None, help="CPU to pin to (default: the first allowed)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "minhash.json")
+    parser.add_argument("--out", type=result_path, default=ROOT / "bench" / "results" / "minhash.json")
     args = parser.parse_args(argv)
 
     if hasattr(os, "sched_setaffinity"):
@@ -313,8 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  J={q['jaccard']:.3f} {q['bands_rows'][0]}x{q['bands_rows'][1]}: row {q['row_match_rate']:.4f}  "
               f"sd {q['estimate_sd']:.4f} vs {q['binomial_sd']:.4f}  band {q['band_match_rate']:.4f} vs "
               f"{q['theory_band']:.4f}  candidates {q['candidate_rate']:.4f} vs {q['theory_candidate']:.4f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_result(args.out, results)
     print(f"wrote {args.out}")
     return results
 

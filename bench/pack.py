@@ -39,6 +39,7 @@ from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._results import result_path, write_result  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
@@ -147,7 +148,7 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=40)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32768)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pack.json")
+    parser.add_argument("--out", type=result_path, default=ROOT / "bench" / "results" / "pack.json")
     args = parser.parse_args()
 
     docs = corpus(args.mb)
@@ -201,8 +202,7 @@ def main() -> None:
         "machine": {"python": platform.python_version(), "tokenizers": tokenizers.__version__,
                     "cpus": len(os.sched_getaffinity(0)), "rayon_threads": os.environ["RAYON_NUM_THREADS"]},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(json.dumps({k: result[k] for k in ("tokens_per_second_best", "ratio_B_over_A", "ratio_B_over_A_fast",
                                              "ratio_B_workers1_rayon_over_A", "packing")}, indent=2))
 

@@ -17,7 +17,6 @@ the order flipping each repeat; the ratio is of the medians. The goal: <= 1.5x.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -30,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._results import result_path, write_result  # noqa: E402
 from flows.summary import statuses_from_output  # noqa: E402
 from model.launch import free_port  # noqa: E402
 
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=None, help="a built data directory (default: build one here)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--server", action="store_true", help="both sides use a running Prefect server")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "rerun.json")
+    parser.add_argument("--out", type=result_path, default=ROOT / "bench" / "results" / "rerun.json")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="kiln-bench-rerun-") as scratch:
@@ -116,12 +116,11 @@ def main() -> None:
     print(f"\nsecond kiln run, every stage cached: {medians['kiln']:.2f} s (median of {args.repeats})")
     print(f"empty Prefect flow run:              {medians['empty']:.2f} s")
     print(f"ratio {ratio:.2f}x (goal <= 1.5x); API: {api}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    write_result(args.out, {
         "benchmark": "rerun", "argv": sys.argv[1:], "api": api, "python": platform.python_version(),
         "cpus": len(os.sched_getaffinity(0)), "first_run_seconds": first_seconds, "seconds": times,
         "median_seconds": medians, "ratio": round(ratio, 3), "goal": 1.5,
-    }, indent=2) + "\n")
+    })
     print(f"wrote {args.out}")
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._results import result_path, write_result  # noqa: E402
 
 from bench.debian_docs import write_warcs  # noqa: E402
 
@@ -121,7 +122,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--ray-factor", type=int, default=4)
     parser.add_argument("--work", type=Path, default=None, help="where the WARCs and data go (default: a temp dir)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
+    parser.add_argument("--out", type=result_path, default=ROOT / "bench" / "results" / "scale.json")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="kiln-scale-"))
@@ -140,8 +141,7 @@ def main() -> None:
           f"(goal <= 1.2); peak memory of the largest process at {args.factors[-1]}x: "
           f"{results.get('peak_rss_ratio')}x that at {args.factors[-2] if len(args.factors) > 1 else '-'}x (goal <= 1.2); "
           f"ray on one node: {results['ray_throughput_ratio']}x local's throughput (goal >= 0.9)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    write_result(args.out, results)
 
 
 if __name__ == "__main__":

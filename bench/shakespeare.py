@@ -48,6 +48,7 @@ from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._results import result_path, write_result  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="training budget; scales the preset's max_steps (made for 3 minutes) by minutes / 3")
     parser.add_argument("--config", default="tiny", help="the run config whose tokenizer/pack/pretrain are used")
     parser.add_argument("--data-dir", default=None, help="artifact store (default: a temporary directory)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "shakespeare.json"))
+    parser.add_argument("--out", type=result_path, default=ROOT / "bench" / "results" / "shakespeare.json")
     args = parser.parse_args(argv)
     if not TEXT.exists():
         print(f"skipped: {TEXT} is absent")
@@ -252,8 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             "bpb_margin": round(NANOGPT_BPB - final["val_bpb"], 4),
         }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
     r, t = result["result"], result["training"]
     print(f"\nTiny Shakespeare, whole validation split ({r['val_bytes_scored']:,} bytes, {r['val_tokens_scored']:,} tokens):")
     print(f"  kiln tiny:  {r['val_bpb']:.3f} bits/byte  ({r['val_loss_per_token']:.3f} nats/token, "

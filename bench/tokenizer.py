@@ -42,6 +42,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench._results import result_path, write_result  # noqa: E402
+
 SHARED = ROOT.parent / "shared" / "data"
 READ_BATCH = 1024
 VOCAB_SIZE = 8192
@@ -249,7 +252,7 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=40.0, help="corpus size in MB of UTF-8 text")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="trainer threads on both sides")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tokenizer.json")
+    parser.add_argument("--out", type=result_path, default=ROOT / "bench" / "results" / "tokenizer.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -340,13 +343,12 @@ def main() -> None:
     print("targets: time <= 1.1x, peak memory <= 1.2x")
     print(f"stage stats: {json.dumps(stage_stats)}")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    write_result(args.out, {
         "benchmark": "tokenizer", "argv": sys.argv[1:], "python": platform.python_version(),
         "machine": platform.machine(), "cpus": os.cpu_count(), "threads": args.threads, "vocab_size": VOCAB_SIZE,
         "repeats": args.repeats, "summary": summary, "ratios": ratios, "stage_stats": stage_stats, "runs": runs,
         "targets": {"time": 1.1, "peak_memory": 1.2},
-    }, indent=2))
+    })
     print(f"wrote {args.out}")
     if not all(identical.values()):
         raise SystemExit("the stage's tokenizer differs from raw training on the same documents")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import statistics
@@ -41,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._results import result_path, write_result  # noqa: E402
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads, training")
     parser.add_argument("--decode-threads", type=int, default=None, help="torch threads, decoding (default: --threads)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(ours) in training")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train.json")
+    parser.add_argument("--out", type=result_path, default=ROOT / "bench" / "results" / "train.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -281,11 +281,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"decode {shape}: greedy outputs identical: {r['identical']} ({r['new_tokens']} tokens, "
               f"{r['distinct_tokens']} distinct" + (f", first difference at {r['first_difference']})"
                                                     if not r["identical"] else ")"))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": args.threads,
             "decode_threads": args.decode_threads or args.threads,
             "cpu": platform.processor() or platform.machine(), "args": {k: str(v) for k, v in vars(args).items()}}
-    args.out.write_text(json.dumps({"meta": meta, **results}, indent=2))
+    write_result(args.out, {"meta": meta, **results})
     print(f"wrote {args.out}")
 
 

@@ -7,6 +7,7 @@ import contextlib
 import inspect
 import json
 import logging
+import os
 import sys
 import typing
 from pathlib import Path
@@ -54,6 +55,7 @@ def _stage_command(command: str, until: str, help_text: str, whole_chain: bool):
         from flows.config import load_config
         from flows.pipeline import pipeline_flow
         from flows.summary import print_summary
+        from pipelines.executor import check_ray_address
         from pipelines.ingest import expand_inputs
 
         runtime = [f"{e.section}.{key}={value}" for e in TABLE for key, value in
@@ -67,6 +69,10 @@ def _stage_command(command: str, until: str, help_text: str, whole_chain: bool):
         if input_:
             cfg.ingest.inputs = list(input_)
         expand_inputs(cfg.ingest)  # a missing path or empty glob fails here, before Prefect starts
+        for entry in chain(until, cfg):  # so does a Ray cluster that is not there
+            section = getattr(cfg, entry.section)
+            if getattr(section, "executor", None) == "ray":
+                check_ray_address(section.ray_address or os.environ.get("RAY_ADDRESS"))
         forced = [e.name for e in chain(until, cfg) if force and (whole_chain or e.name == command)]
         store_dir = data_dir or default_root()
         ArtifactStore(store_dir).check_usable()  # a file, or a read-only directory: one line, now
@@ -115,6 +121,9 @@ def prefect_api():
     except OSError:
         up = False
     if not up:
+        from flows.temporary_server import start_tied_server
+
+        start_tied_server()  # Prefect's own temporary server, which ends with this process however it ends
         yield None
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -225,49 +234,66 @@ def export_model(
         "--output", "-o", help="hf: a directory (default ./export); gguf: a .gguf file or a directory for it.")] = None,
     format_: Annotated[str, typer.Option("--format", help="hf (a Hugging Face Llama directory) or gguf (llama.cpp).")] = "hf",
     gguf_type: Annotated[str, typer.Option("--type", help="gguf: f32, f16, q8_0 or q4_0 (norms stay f32).")] = "f16",
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace an earlier Kiln export at --output (never anything Kiln did not write).")] = False,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Write a Hugging Face Llama directory (AutoModelForCausalLM) or a GGUF file (llama.cpp, Ollama)."""
+    """Write a Hugging Face Llama directory (AutoModelForCausalLM) or a GGUF file (llama.cpp, Ollama).
+    The output is a new path, an empty directory, or with --overwrite an earlier Kiln export."""
+    if format_ not in ("hf", "gguf"):
+        raise KilnError(f"--format {format_}: expected hf or gguf")
     source = resolve_model_dir(ArtifactStore(data_dir or default_root()), model)
+    output = Path((output or Path("export")).absolute())
     if format_ == "hf":
         from model.export import export_llama
 
-        output = output or Path("export")
-        export_llama(source, output)
+        export_llama(source, output, overwrite=overwrite)
         console.print(f"exported {source} -> {output} (AutoModelForCausalLM.from_pretrained({str(output)!r}))")
-    elif format_ == "gguf":
+    else:
         from model.export_gguf import export_gguf
 
-        output = output or Path("export")
         if output.suffix != ".gguf":
             output = output / f"{source.parent.name if source.name == 'model' else source.name}-{gguf_type}.gguf"
-        export_gguf(source, output, gguf_type)
+        export_gguf(source, output, gguf_type, overwrite=overwrite)
         console.print(f"exported {source} -> {output} ({output.stat().st_size / 2**20:.1f} MiB; "
                       f"llama.cpp: llama-cli -m {output})")
-    else:
-        raise KilnError(f"--format {format_}: expected hf or gguf")
 
 
 @app.command("serve-model")
 def serve_model(
     model: ModelArg = None,
-    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every one).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every one; then use --api-key).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free one, printed).")] = 8000,
     name: Annotated[Optional[str], typer.Option(help="The model's id in the API (default: kiln-<stage>-<fp[:8]>).")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="KILN_API_KEY", show_envvar=True,
+        help="Require `Authorization: Bearer KEY` on every /v1 route (401 otherwise).")] = None,
+    max_batch: Annotated[int, typer.Option(
+        help="Requests decoded together at most, each in its own KV cache row; more wait for a free row.")] = 16,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions."""
-    import uvicorn
-
     from model.chat import load_for_generation
-    from model.serve import Generator, create_app
+    from model.serve import Engine, bind, is_loopback, serve
 
+    if not 0 <= port <= 65535:
+        raise KilnError(f"--port {port}: a port is 0 to 65535")
+    if not 1 <= max_batch <= 1024:
+        raise KilnError(f"--max-batch {max_batch}: expected 1 to 1024")
+    if api_key is not None and not api_key.strip():
+        raise KilnError("--api-key: empty (unset KILN_API_KEY to serve without a key)")
     source = resolve_model_dir(ArtifactStore(data_dir or default_root()), model)
     artifact = source.parent if source.name == "model" else source
     name = name or f"kiln-{artifact.parent.name}-{artifact.name[:8]}"
-    app_ = create_app(Generator(load_for_generation(source), name))
-    console.print(f"serving {source} as {name!r} on http://{host}:{port}/v1 (OpenAI API; Ctrl-C stops it)")
-    uvicorn.run(app_, host=host, port=port, log_level="info")
+    if api_key is None and not is_loopback(host):
+        console.print(f"warning: serving on {host} without --api-key: anyone who can reach it can use the model",
+                      highlight=False)
+    engine = Engine(load_for_generation(source), name, max_batch=max_batch)
+    sock = bind(host, port)  # a port in use or a bad address: a KilnError, one line
+    port = sock.getsockname()[1]
+    console.print(f"serving {source} as {name!r} on http://{host}:{port}/v1 (OpenAI API"
+                  f"{', API key required' if api_key else ''}; Ctrl-C stops it)", highlight=False)
+    serve(engine, sock, api_key)
 
 
 @app.command()
@@ -322,8 +348,10 @@ def verify(data_dir: DataDirOpt = None,
     system, which a rerun's stat check cannot see)."""
     store = ArtifactStore(data_dir or default_root())
     store.check_usable(writable=False)
-    manifests = store.list(stage)
-    damaged = []
+    damaged: list[str] = []
+    manifests = store.list(stage, damaged=damaged)  # an unreadable manifest is damage too
+    for problem in damaged:
+        console.print(f"damaged: {problem}", highlight=False)
     for manifest in manifests:
         for problem in store.problems(manifest, "sha256"):
             damaged.append(f"{manifest.stage}/{manifest.short}/{problem}")

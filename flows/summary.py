@@ -131,6 +131,8 @@ def print_lineage(console: Console, tree: dict[str, Any]) -> None:
     def label(node: dict[str, Any]) -> str:
         if node.get("missing"):
             return f"[red]{node['fingerprint'][:12]} (missing)"
+        if node.get("cycle"):
+            return f"[red]{node['stage']} {node['fingerprint'][:12]} (cycle: an input of its own inputs)"
         return f"[bold]{node['stage']}[/] {node['fingerprint'][:12]}  created {node['created'][:19]}"
 
     def add(branch: Tree, node: dict[str, Any]) -> None:

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer, processors
 
+from model.chat_format import BOS
 from model.checkpoint import TOKENIZER_FILES, load_checkpoint
 from model.model import ModelConfig, Transformer
-from storage import atomic_dir
+from storage.outputs import write_output_dir
 
 
 def llama_config(config: ModelConfig, special_ids: dict[str, int] | None = None) -> dict:
@@ -85,8 +87,29 @@ def _special_ids(checkpoint: Path) -> dict[str, int]:
             if key in ("bos_token", "eos_token", "pad_token") and token in ids}
 
 
-def export_llama(checkpoint: Path, output: Path) -> Path:
-    """Write `output/` with config.json, model.safetensors and the tokenizer files."""
+def prompt_as_trained(directory: Path) -> None:
+    """Make the exported tokenizer's default call put BOS in front, as every training document
+    has it: transformers' `tok(text)` and `pipeline("text-generation")` then prompt the model as
+    `kiln generate` does (Kiln's own code encodes with `add_special_tokens=False` and places BOS
+    itself, so the checkpoint's tokenizer is left as trained)."""
+    tokenizer_file, config_file = directory / "tokenizer.json", directory / "tokenizer_config.json"
+    if not tokenizer_file.exists():
+        return
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    bos = tokenizer.token_to_id(BOS)
+    if bos is None:
+        return
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS}:1 $B:1", special_tokens=[(BOS, bos)])
+    tokenizer.save(str(tokenizer_file), pretty=True)
+    if config_file.exists():
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "add_bos_token": True}, indent=2))
+
+
+def export_llama(checkpoint: Path, output: Path, overwrite: bool = False) -> Path:
+    """Write `output/` with config.json, model.safetensors and the tokenizer files: a new or
+    empty directory, or (`overwrite`) an earlier export; never a directory Kiln did not make
+    (storage/outputs.py)."""
     checkpoint, output = Path(checkpoint), Path(output)
     model, _ = load_checkpoint(checkpoint)
     config = llama_config(model.config, _special_ids(checkpoint))
@@ -100,6 +123,6 @@ def export_llama(checkpoint: Path, output: Path) -> Path:
         for name in TOKENIZER_FILES:
             if (checkpoint / name).exists():
                 shutil.copyfile(checkpoint / name, temp / name)
+        prompt_as_trained(temp)
 
-    atomic_dir(output, fill)
-    return output
+    return write_output_dir(output, fill, kind="export", overwrite=overwrite, about={"source": str(checkpoint)})

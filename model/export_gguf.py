@@ -25,7 +25,8 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.export import llama_state_dict
-from storage import InputError, atomic_path
+from storage import InputError
+from storage.outputs import write_output_file
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 GGUFType = Literal["f32", "f16", "q8_0", "q4_0"]
@@ -105,14 +106,30 @@ def _tokenizer_metadata(writer, checkpoint: Path) -> None:
             add(added[config[key]])
     if "<|end|>" in added:  # a chat turn ends here: llama.cpp stops generating at end-of-generation tokens
         writer.add_eot_token_id(added["<|end|>"])
-    writer.add_add_bos_token(bool(config.get("add_bos_token", False)))
+    # every training document starts with BOS, so a prompt must too: llama.cpp adds it (even for a
+    # checkpoint whose tokenizer predates `add_bos_token`)
+    writer.add_add_bos_token("bos_token" in config)
     writer.add_add_eos_token(False)
     if config.get("chat_template"):
         writer.add_chat_template(config["chat_template"])
 
 
-def export_gguf(checkpoint: Path, output: Path, kind: GGUFType = "f16") -> Path:
-    """Write `output` (a .gguf file) from a checkpoint directory; returns its path."""
+KILN_KEY = "kiln.export"  # our metadata key: a GGUF carrying it is one Kiln wrote (and may replace)
+
+
+def written_by_kiln(path: Path) -> bool:
+    """Whether `path` is a GGUF file that Kiln exported (its metadata holds KILN_KEY)."""
+    import gguf
+
+    try:
+        return KILN_KEY in gguf.GGUFReader(str(path), "r").fields
+    except Exception:  # noqa: BLE001 - anything unreadable as GGUF is not ours
+        return False
+
+
+def export_gguf(checkpoint: Path, output: Path, kind: GGUFType = "f16", overwrite: bool = False) -> Path:
+    """Write `output` (a .gguf file) from a checkpoint directory; returns its path. An existing
+    file there is replaced only when it is an earlier Kiln export and `overwrite` is set."""
     import gguf
 
     if kind not in GGUF_TYPES:
@@ -143,9 +160,12 @@ def export_gguf(checkpoint: Path, output: Path, kind: GGUFType = "f16") -> Path:
     for name, weight in state.items():
         data, qtype = _tensor(name, weight, kind)
         writer.add_tensor(gguf_name(name), data, raw_dtype=qtype)
-    with atomic_path(output) as temp:
+    writer.add_string(KILN_KEY, json.dumps({"source": str(checkpoint), "type": kind}))
+
+    def write(temp: str) -> None:
         writer.write_header_to_file(Path(temp))
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    return output
+
+    return write_output_file(output, write, what="GGUF export", is_ours=written_by_kiln, overwrite=overwrite)

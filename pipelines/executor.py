@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import socket
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -156,6 +157,63 @@ def _on_a_node(fn: Callable[[Any], Any], item: Any) -> tuple[Any, dict, str]:
     return result, written, ray.util.get_node_ip_address()
 
 
+RAY_CONNECT_TIMEOUT_S = 30.0
+
+
+def check_ray_address(address: str | None, timeout_s: float = 10.0) -> None:
+    """Fail in one line when a named Ray cluster's `host:port` takes no TCP connection (the
+    commands call it before Prefect starts; `connect_ray` again). `auto`, a missing address and
+    one without a port are left to `ray.init`."""
+    if not address or address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not port.isdigit():
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConfigError(f"cannot reach the Ray cluster at {address}: {err.strerror or err}") from None
+
+
+def connect_ray(address: str | None, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """`ray.init` that fails in one line, within `timeout_s`, when a named cluster cannot be
+    reached. Ray itself retries an unreachable GCS for minutes (it rewrites 127.0.0.1 to the
+    machine's address and tries again every 40 s), so the address is first tried with a plain TCP
+    connection, and `ray.init` then runs on a daemon thread with a deadline: the calling thread
+    stays responsive (SIGTERM, Ctrl-C) and a server that accepts but never answers as Ray does
+    is reported too. With no address Ray starts a local cluster, unbounded."""
+    import ray
+
+    def init() -> None:
+        ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
+
+    if address is None:
+        init()
+        return
+
+    def unreachable(reason: object) -> ConfigError:
+        return ConfigError(f"cannot reach the Ray cluster at {address}: {reason}")
+
+    check_ray_address(address, min(10.0, timeout_s))
+    failure: list[BaseException] = []
+    done = threading.Event()
+
+    def attempt() -> None:
+        try:
+            init()
+        except BaseException as err:  # noqa: BLE001 - handed to the calling thread
+            failure.append(err)
+        finally:
+            done.set()
+
+    threading.Thread(target=attempt, name="kiln-ray-connect", daemon=True).start()
+    if not done.wait(timeout_s):
+        raise unreachable(f"no answer in {timeout_s:.0f} s")
+    if failure:
+        raise unreachable(str(failure[0]).strip().splitlines()[0] if str(failure[0]).strip() else
+                          type(failure[0]).__name__) from None
+
+
 class RayExecutor(Executor):
     """Ray Core tasks: one per unit, at most `in_flight` submitted at a time."""
 
@@ -166,8 +224,7 @@ class RayExecutor(Executor):
         import ray
 
         if not ray.is_initialized():
-            ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                     configure_logging=False, log_to_driver=False)
+            connect_ray(address or os.environ.get("RAY_ADDRESS") or None)
         self.ray = ray
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.in_flight = max(in_flight, 2 * cpus)

@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 from datetime import datetime, timezone
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MANIFEST_NAME = "_manifest.json"
 
 
 class StorageError(Exception):
     """A problem with the artifact store: a corrupt manifest, a failed verification, ..."""
+
+
+def is_inner_path(path: str) -> bool:
+    """Whether `path` names a file inside a directory: relative, normalized, no `..`, no `\\`."""
+    return (bool(path) and not path.startswith("/") and "\\" not in path and "\0" not in path
+            and posixpath.normpath(path) == path and path != "." and ".." not in path.split("/"))
 
 
 def canonical_json(value: Any) -> str:
@@ -41,6 +48,16 @@ class FileEntry(BaseModel):
     bytes: int
     sha256: str
     rows: int | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _inside_the_artifact(cls, path: str) -> str:
+        """A manifest is read from a store that may hold anything: a path that is absolute, not
+        normalized or climbs out (`model/../../x`) would make a reader write, hash or load a file
+        outside the artifact, so the whole manifest is refused as damaged."""
+        if not is_inner_path(path):
+            raise ValueError(f"file path {path!r} is not a relative path inside the artifact")
+        return path
 
 
 class Manifest(BaseModel):
@@ -82,6 +99,11 @@ class Manifest(BaseModel):
     def from_json(cls, text: str | bytes, where: str) -> "Manifest":
         try:
             return cls.model_validate(json.loads(text))
-        except (ValueError, ValidationError) as err:
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(str(part) for part in first["loc"])
+            reason = first["msg"].removeprefix("Value error, ")
+            raise StorageError(f"{where}: not a valid manifest ({field}: {reason})") from None
+        except ValueError as err:
             first_line = str(err).strip().splitlines()[0]
             raise StorageError(f"{where}: not a valid manifest ({first_line})") from None

@@ -40,7 +40,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from storage.atomic import atomic_file, atomic_write_bytes, is_temporary, swap_into_place
-from storage.manifest import MANIFEST_NAME, FileEntry, Manifest, StorageError
+from storage.manifest import MANIFEST_NAME, FileEntry, Manifest, StorageError, is_inner_path
 
 log = logging.getLogger("kiln.storage")
 
@@ -145,6 +145,8 @@ class ArtifactStore:
         if root.exists() and not root.is_dir():
             raise StorageError(f"{root}: not a directory (the data directory must be one)")
         if not writable:
+            if not root.exists():  # a reader of a store that is not there: a typo, not "0 artifacts"
+                raise StorageError(f"{root}: no such data directory")
             return
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -167,7 +169,10 @@ class ArtifactStore:
         target = Path(scratch) / f"{manifest.stage}-{manifest.short}" / prefix
         entries = manifest.files_under(prefix) if prefix else manifest.files
         for entry in entries:
-            destination = target / posixpath.relpath(entry.path, prefix or ".")
+            relative = posixpath.relpath(entry.path, prefix or ".")
+            if not is_inner_path(relative):  # a validated manifest never gets here; a hand-made one might
+                raise StorageError(f"{manifest.stage}/{manifest.short}: {entry.path!r} is outside {prefix or 'the artifact'}")
+            destination = target / relative
             destination.parent.mkdir(parents=True, exist_ok=True)
             with self.open(manifest, entry.path) as src, open(destination, "wb") as dst:
                 shutil.copyfileobj(src, dst)
@@ -185,26 +190,32 @@ class ArtifactStore:
     def get(self, stage: str, fp: str, verify: Verify = "content") -> Manifest | None:
         """The committed artifact, or None when it is absent or fails verification."""
         directory = self.artifact_dir(stage, fp)
-        manifest_path = posixpath.join(directory, MANIFEST_NAME)
-        try:
-            text = self.fs.cat_file(manifest_path)
-        except FileNotFoundError:
-            return None
-        try:
-            manifest = Manifest.from_json(text, manifest_path)
-        except StorageError as err:
-            log.warning("%s; treating the artifact as missing", err)
-            return None
-        if manifest.stage != stage or manifest.fingerprint != fp:
-            log.warning("%s names %s/%s; treating it as missing", manifest_path, manifest.stage, manifest.fingerprint)
+        manifest, problem = self._read_manifest(stage, fp)
+        if manifest is None:
+            if problem:
+                log.warning("%s: %s; treating the artifact as missing", posixpath.join(directory, MANIFEST_NAME), problem)
             return None
         problems = self.problems(manifest, verify)
         if problems:
             log.warning("%s: %s; the artifact will be rebuilt", posixpath.join(directory, problems[0].split(":")[0]),
                         problems[0].split(": ", 1)[1])
             return None
-        manifest.location = self.fs.unstrip_protocol(directory) if not self.is_local else directory
         return manifest
+
+    def _read_manifest(self, stage: str, fp: str) -> tuple[Manifest | None, str | None]:
+        """The manifest of `stage/fp`, or None and what is wrong with it (None when it is absent)."""
+        directory = self.artifact_dir(stage, fp)
+        manifest_path = posixpath.join(directory, MANIFEST_NAME)
+        try:
+            manifest = Manifest.from_json(self.fs.cat_file(manifest_path), manifest_path)
+        except FileNotFoundError:
+            return None, None
+        except StorageError as err:
+            return None, str(err).removeprefix(f"{manifest_path}: ")
+        if manifest.stage != stage or manifest.fingerprint != fp:
+            return None, f"names {manifest.stage}/{manifest.fingerprint}"
+        manifest.location = self.fs.unstrip_protocol(directory) if not self.is_local else directory
+        return manifest, None
 
     def problems(self, manifest: Manifest, verify: Verify = "sha256") -> list[str]:
         """What is wrong with a committed artifact's files (empty when it is intact).
@@ -267,25 +278,38 @@ class ArtifactStore:
         except OSError as err:
             log.debug("%s: stamps not written (%s)", self._stamps_path(manifest), err)
 
-    def list(self, stage: str | None = None) -> list[Manifest]:
+    def list(self, stage: str | None = None, damaged: list[str] | None = None) -> list[Manifest]:
+        """The committed artifacts (of one stage, or all), oldest first. A manifest that cannot
+        be read is left out, and named in `damaged` when the caller passes a list for it."""
         stages = [stage] if stage else self.stages()
         found = []
         for name in stages:
             for path in self.fs.glob(posixpath.join(self.stage_dir(name), "*", MANIFEST_NAME)):
                 fp = posixpath.basename(posixpath.dirname(path))
-                manifest = self.get(name, fp, verify="none")
+                if not FINGERPRINT.fullmatch(fp):
+                    continue
+                manifest, problem = self._read_manifest(name, fp)
                 if manifest is not None:
                     found.append(manifest)
+                elif problem and damaged is not None:
+                    damaged.append(f"{name}/{fp}/{MANIFEST_NAME}: {problem}")
         return sorted(found, key=lambda m: m.created)
 
     def stages(self) -> list[str]:
+        """The stage directories under the root. Anything else there (`lost+found`, which every
+        ext4 volume's root has, a `backup.old`) is not Kiln's: skipped with a warning."""
         if not self.fs.exists(self.root):
             return []
-        return sorted(
-            posixpath.basename(p.rstrip("/"))
-            for p in self.fs.ls(self.root, detail=False)
-            if self.fs.isdir(p) and not posixpath.basename(p.rstrip("/")).startswith((".", "_"))
-        )
+        names = []
+        for path in self.fs.ls(self.root, detail=False):
+            name = posixpath.basename(path.rstrip("/"))
+            if name.startswith((".", "_")) or not self.fs.isdir(path):
+                continue
+            if STAGE_NAME.fullmatch(name):
+                names.append(name)
+            else:
+                log.warning("%s: not a stage directory (not a stage name); skipped", posixpath.join(self.root, name))
+        return sorted(names)
 
     def find(self, fp_or_prefix: str) -> Manifest:
         """The artifact whose fingerprint is (or starts with) the given string, in any stage."""
@@ -305,9 +329,13 @@ class ArtifactStore:
             raise StorageError(f"{prefix}: ambiguous, matches {', '.join(m.short for m in matches)}")
         return matches[0]
 
-    def lineage(self, fp_or_prefix: str) -> dict[str, Any]:
-        """The tree of manifests an artifact was made from, down to its crawl sources."""
+    def lineage(self, fp_or_prefix: str, _path: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The tree of manifests an artifact was made from, down to its crawl sources. A manifest
+        that names one of its own descendants as an input (only a hand-edited one can) ends its
+        branch with `"cycle": true`."""
         manifest = self.find(fp_or_prefix)
+        if manifest.fingerprint in _path:
+            return {"stage": manifest.stage, "fingerprint": manifest.fingerprint, "cycle": True, "inputs": []}
         node: dict[str, Any] = {
             "stage": manifest.stage,
             "fingerprint": manifest.fingerprint,
@@ -318,7 +346,7 @@ class ArtifactStore:
         }
         for parent in manifest.inputs:
             try:
-                node["inputs"].append(self.lineage(parent))
+                node["inputs"].append(self.lineage(parent, (*_path, manifest.fingerprint)))
             except StorageError:
                 node["inputs"].append({"fingerprint": parent, "missing": True, "inputs": []})
         return node

@@ -3,7 +3,11 @@ traceback, nothing retried that retrying cannot mend, nothing left behind, nothi
 the data directory (reliability defects 5, 6 and 7)."""
 
 import os
+import signal
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +122,108 @@ def test_kiln_verify_names_a_damaged_file(monkeypatch, capsys, tmp_path):
     store.local_path(manifest, "a.bin").write_bytes(b"abcdeF")
     code, err = run_cli(monkeypatch, capsys, "verify", "--data-dir", str(tmp_path))
     assert code == 2 and f"demo/{'f' * 12}/a.bin: sha256 differs" in one_error_line(err)
+
+
+def test_verify_of_a_missing_data_dir_is_one_line(monkeypatch, capsys, tmp_path):
+    code, err = run_cli(monkeypatch, capsys, "verify", "--data-dir", str(tmp_path / "nonexistent"))
+    assert code == 2 and f"{tmp_path / 'nonexistent'}: no such data directory" in one_error_line(err)
+    assert not (tmp_path / "nonexistent").exists(), "a reader creates nothing"
+
+
+def test_verify_never_hashes_a_path_outside_its_artifact(monkeypatch, capsys, tmp_path):
+    """A hand-edited manifest naming `../../../../../../etc/hostname` once made `kiln verify`
+    hash that file and answer "all match"."""
+    store = ArtifactStore(tmp_path)
+    manifest = store.produce("demo", "f" * 64, lambda w: w.write_bytes("a.bin", b"abcdef") or {}, config={},
+                             inputs=[], code_version="1")
+    path = store.local_path(manifest) / "_manifest.json"
+    path.write_text(path.read_text().replace('"a.bin"', '"../../../../../../etc/hostname"'))
+    code, err = run_cli(monkeypatch, capsys, "verify", "--data-dir", str(tmp_path))
+    line = one_error_line(err)
+    assert code == 2 and "1 damaged file(s)" in line and "not a relative path inside the artifact" in line, line
+
+
+def test_stray_directories_in_the_data_root_are_skipped(monkeypatch, capsys, tmp_path):
+    store = ArtifactStore(tmp_path)
+    manifest = store.produce("demo", "f" * 64, lambda w: w.write_bytes("a.bin", b"abcdef") or {}, config={},
+                             inputs=[], code_version="1")
+    (tmp_path / "lost+found").mkdir()
+    (tmp_path / "backup.old" / "x").mkdir(parents=True)
+    for args in (["ls"], ["verify"], ["lineage", manifest.short]):
+        code, err = run_cli(monkeypatch, capsys, *args, "--data-dir", str(tmp_path))
+        assert code in (None, 0), (args, err)
+        assert "Traceback" not in err and "not a stage name" not in err.replace("(not a stage name)", "")
+
+
+def _kiln(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    kiln = Path(sys.executable).with_name("kiln")
+    settings = {key: value for key, value in {**os.environ, **(env or {})}.items() if value is not None}
+    return subprocess.Popen([str(kiln), *args], cwd=ROOT, env=settings, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def test_an_unreachable_ray_cluster_is_one_line_within_30_s(tmp_path):
+    """Ray retries an unreachable GCS for minutes; Kiln says so in one line."""
+    started = time.monotonic()
+    done = _kiln("ingest", "--data-dir", str(tmp_path / "data"), "--executor", "ray", "--ray-address",
+                 "127.0.0.1:1", env={"RAY_USAGE_STATS_ENABLED": "0"})
+    _, err = done.communicate(timeout=120)
+    assert done.returncode == 2 and "cannot reach the Ray cluster at 127.0.0.1:1" in one_error_line(err), err
+    assert time.monotonic() - started < 30
+
+
+def test_a_port_that_accepts_but_is_not_ray_times_out(tmp_path):
+    """A server that takes the connection and never answers as Ray's GCS does."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    code = ("from pipelines.executor import connect_ray\n"
+            f"connect_ray('127.0.0.1:{port}', timeout_s=4)\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    listener.close()
+    assert done.returncode != 0 and f"cannot reach the Ray cluster at 127.0.0.1:{port}" in done.stderr
+    assert time.monotonic() - started < 30
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = status.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(status.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_kill_9_leaves_no_prefect_server_behind(tmp_path):
+    """Without a Prefect server, `kiln` starts Prefect's temporary one (uvicorn, ~200 MB,
+    listening); it must end with the command, even one killed with SIGKILL."""
+    env = {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": None}
+    kiln = _kiln("ingest", "--data-dir", str(tmp_path / "data"), env=env)  # the bundled sample crawl
+    try:
+        deadline, servers = time.monotonic() + 120, []
+        while not servers and time.monotonic() < deadline and kiln.poll() is None:
+            servers = [pid for pid in _children(kiln.pid)
+                       if "uvicorn" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+            time.sleep(0.2)
+        assert servers, f"no temporary server seen (exit {kiln.poll()})"
+        os.kill(kiln.pid, signal.SIGKILL)
+        kiln.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in servers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in servers), "the temporary Prefect server outlived kill -9"
+    finally:
+        if kiln.poll() is None:
+            kiln.kill()
+        kiln.communicate()

@@ -61,7 +61,7 @@ def test_kiln_export_gguf_and_transformers_reads_it(model, tmp_path):
 
     ours = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     for text in TEXTS:
-        assert tokenizer(text, add_special_tokens=False)["input_ids"] == ours.encode(text).ids, text
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == ours.encode(text, add_special_tokens=False).ids, text
     ids = ours.encode(TEXTS[0]).ids
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits[0].numpy()
@@ -128,10 +128,10 @@ def test_llama_cpp_tokenizes_1000_documents_as_kiln(trained_gguf, llama_cpp):
     llm = load(llama_cpp, files["f32"], vocab_only=True)
     documents = thousand_documents()
     assert len(documents) == 1000
-    different = [d for d in documents if llm.tokenize(d.encode(), add_bos=False, special=True) != ours.encode(d).ids]
+    different = [d for d in documents if llm.tokenize(d.encode(), add_bos=False, special=True) != ours.encode(d, add_special_tokens=False).ids]
     assert not different, f"{len(different)} of 1000 tokenized otherwise, e.g. {different[0][:200]!r}"
     for text in TEXTS:  # special tokens are parsed, as Kiln parses them
-        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ours.encode(text).ids, text
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ours.encode(text, add_special_tokens=False).ids, text
     assert "<|assistant|>" in llm.metadata.get("tokenizer.chat_template", ""), "the chat template travels"
 
 
@@ -148,6 +148,21 @@ def test_llama_cpp_greedy_continuation_is_kiln_generate_s(trained_gguf, llama_cp
             break
         theirs.append(token)
     assert theirs == ours, (kind, loaded.tokenizer.decode(ours), loaded.tokenizer.decode(theirs))
+
+
+def test_llama_cpp_called_as_users_call_it_answers_as_kiln_generate(trained_gguf, llama_cpp):
+    """`Llama(path)(prompt)`, as llama-cli, Ollama and LM Studio prompt: BOS comes from the
+    file's `add_bos_token`, so the continuation is `kiln generate --temperature 0`'s."""
+    from tests.model.test_export import PROMPTS, kiln_greedy
+
+    model_dir, files = trained_gguf
+    loaded = load_for_generation(model_dir)
+    llm = load(llama_cpp, files["f32"], n_ctx=64)
+    assert llm.metadata.get("tokenizer.ggml.add_bos_token") == "true"
+    for prompt in PROMPTS:
+        ours = loaded.tokenizer.decode(kiln_greedy(model_dir, prompt, 24))
+        theirs = llm(prompt, max_tokens=24, temperature=0.0, top_k=1, repeat_penalty=1.0)["choices"][0]["text"]
+        assert theirs == ours, (prompt, theirs, ours)
 
 
 def llama_cpp_perplexity(llama_cpp, path: Path, rows: list[list[int]]) -> float:

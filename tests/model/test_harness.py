@@ -90,9 +90,12 @@ def test_harness_tasks_run_offline_and_agree_with_kiln(tmp_path, monkeypatch):
     assert stored["n-samples"]["kiln_preferences"]["effective"] == 40, "the limit reached lm_eval"
     assert stored["n-samples"]["kiln_shakespeare"]["effective"] == len(passages)
 
-    # the same passages through what `kiln evaluate` computes its held-out figures with: each
-    # passage one row after BOS, every token after BOS scored, bytes from the token table
-    rows = [[tokenizer.token_to_id("<|bos|>"), *tokenizer.encode(p, add_special_tokens=False).ids] for p in passages]
+    # the same passages through what `kiln evaluate` computes its held-out figures with, in the
+    # window lm_eval scores: the exported tokenizer puts BOS in front of a text (as trained), and a
+    # rolling window starts with one more (its prefix token), as for any Llama model; every token
+    # after the first scored, bytes from the token table (BOS has none)
+    bos = tokenizer.token_to_id("<|bos|>")
+    rows = [[bos, bos, *tokenizer.encode(p, add_special_tokens=False).ids] for p in passages]
     with torch.no_grad():
         ours = evaluate.heldout_metrics(loaded, ((torch.tensor([r[:-1]]), torch.tensor([r[1:]])) for r in rows),
                                         evaluate.token_byte_lengths(tokenizer), "cpu")

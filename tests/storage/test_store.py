@@ -1,6 +1,7 @@
 import json
 import multiprocessing
 import os
+import posixpath
 import time
 
 import pytest
@@ -246,3 +247,55 @@ def test_write_tree_puts_a_local_directory_into_an_object_store_artifact(tmp_pat
     assert sorted((f.path, f.bytes) for f in made.files) == [("model/a/x.bin", 2), ("model/top.json", 2)]
     with store.open(made, "model/a/x.bin") as handle:
         assert handle.read() == b"12"
+
+
+def _rewrite_manifest(store, manifest, change):
+    path = store.local_path(manifest) / MANIFEST_NAME
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("bad", ["model/../../../escaped.txt", "../../../../../../etc/hostname", "/etc/hostname",
+                                 "./a.txt", "sub//b.json", ".."])
+def test_a_manifest_path_outside_its_artifact_makes_it_damaged(tmp_path, bad):
+    """A manifest comes from a store that may hold anything: a path that leaves the artifact is
+    never read, hashed or written to; the artifact is refused as damaged, and `list` says so."""
+    store = ArtifactStore(tmp_path / "data")
+    manifest = produce(store)
+    _rewrite_manifest(store, manifest, lambda r: r["files"][0].update(path=bad))
+    assert store.get("demo", manifest.fingerprint, verify="none") is None
+    damaged: list[str] = []
+    assert store.list(damaged=damaged) == []
+    assert len(damaged) == 1 and "not a relative path inside the artifact" in damaged[0]
+
+
+def test_an_object_store_copy_stays_inside_its_scratch_directory(tmp_path):
+    store = ArtifactStore("memory://kiln-test-escape")
+    manifest = produce(store, fp="e" * 64)
+    path = posixpath.join(store.artifact_dir("demo", manifest.fingerprint), MANIFEST_NAME)
+    record = json.loads(store.fs.cat_file(path))
+    record["files"].append({**record["files"][0], "path": "sub/../../../escaped.txt"})
+    store.fs.pipe_file(path, json.dumps(record).encode())
+    assert store.get("demo", manifest.fingerprint, verify="none") is None
+    good = store.local_dir(manifest, "", tmp_path / "scratch")  # the manifest read before the tampering
+    assert sorted(p.name for p in good.rglob("*") if p.is_file()) == ["a.txt", "b.json"]
+    assert not list(tmp_path.rglob("escaped.txt"))
+
+
+def test_a_manifest_that_is_its_own_input_ends_its_lineage_branch(tmp_path):
+    store = ArtifactStore(tmp_path)
+    manifest = produce(store)
+    _rewrite_manifest(store, manifest, lambda r: r.update(inputs=[manifest.fingerprint]))
+    tree = store.lineage(manifest.short)
+    assert tree["inputs"] == [{"stage": "demo", "fingerprint": manifest.fingerprint, "cycle": True, "inputs": []}]
+
+
+def test_directories_that_are_not_stages_are_skipped_with_a_warning(tmp_path, caplog):
+    store = ArtifactStore(tmp_path)
+    manifest = produce(store)
+    for stray in ("lost+found", "backup.old"):
+        (tmp_path / stray).mkdir()
+    assert store.stages() == ["demo"]
+    assert [m.fingerprint for m in store.list()] == [manifest.fingerprint]
+    assert "lost+found: not a stage directory" in caplog.text and "backup.old" in caplog.text
