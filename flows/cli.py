@@ -108,9 +108,11 @@ for _name, (_until, _help) in CHAINS.items():
 @contextlib.contextmanager
 def prefect_api():
     """Use the Prefect server on 127.0.0.1:4200 when one is up (`kiln server`), so runs show in
-    its UI; otherwise Prefect's temporary local server. Yields the UI's URL or None."""
-    import os
+    its UI; otherwise Prefect's temporary local server. Yields the UI's URL or None. Prefect is
+    first imported here (its logging set up as the CLI wants it), not by every command."""
     import urllib.request
+
+    _quiet_prefect_tracebacks()
 
     if os.environ.get("PREFECT_API_URL"):
         yield os.environ["PREFECT_API_URL"].removesuffix("/api")
@@ -436,18 +438,19 @@ def _log_to_terminal() -> None:
 def _fail(message: str) -> None:
     """Print the one error line last: after Prefect's temporary server has said it stopped."""
     try:
-        from prefect.settings import get_current_settings
+        if "prefect.server.api.server" in sys.modules:  # else Prefect started no server here
+            from prefect.settings import get_current_settings
 
-        if get_current_settings().api.url is None and "prefect.server.api.server" in sys.modules:
-            # the command ran on a temporary server of its own: stop it now, not at exit
-            from prefect.events.worker import EventsWorker
-            from prefect.logging.handlers import APILogWorker
-            from prefect.server.api.server import SubprocessASGIServer
+            if get_current_settings().api.url is None:
+                # the command ran on a temporary server of its own: stop it now, not at exit
+                from prefect.events.worker import EventsWorker
+                from prefect.logging.handlers import APILogWorker
+                from prefect.server.api.server import SubprocessASGIServer
 
-            APILogWorker.drain_all(timeout=10)  # what the run logged reaches its server first
-            EventsWorker.drain_all(timeout=10)
-            for server in list(SubprocessASGIServer._instances.values()):
-                server.stop()
+                APILogWorker.drain_all(timeout=10)  # what the run logged reaches its server first
+                EventsWorker.drain_all(timeout=10)
+                for server in list(SubprocessASGIServer._instances.values()):
+                    server.stop()
     except Exception:  # noqa: BLE001 - an older or newer Prefect: its line may come after ours
         pass
     console.print(f"[bold red]kiln: error:[/] {message}", highlight=False, soft_wrap=True)
@@ -457,7 +460,6 @@ def _fail(message: str) -> None:
 def main() -> None:
     """Entry point: user errors become one line on stderr, printed last, and exit status 2."""
     _log_to_terminal()
-    _quiet_prefect_tracebacks()
     try:
         app()
     except (KilnError, StorageError) as err:

@@ -31,7 +31,6 @@ def pipeline_flow(
             continue
         section = getattr(config, entry.section)
         inputs = [Manifest.model_validate(runs[name]["manifest"]) for name in entry.inputs_for(config) if name in runs]
-        if entry.extra_inputs is not None:
-            inputs += entry.extra_inputs(section, ArtifactStore(data_dir))
+        inputs += entry.read_extra_inputs(section, ArtifactStore(data_dir))
         runs[entry.name] = run_stage(entry.name, section, inputs, data_dir, entry.name in force)
     return runs

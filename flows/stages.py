@@ -8,34 +8,53 @@ and build function, see storage/stage.py), plus one line here naming the stages 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
-from model import dpo, evaluate, pretrain, quantize, sft
-from pipelines import clean, dedup, ingest, pack, sample_crawl, tokenizer
-from storage import ArtifactStore, Manifest, Stage
+if TYPE_CHECKING:
+    from storage import ArtifactStore, Manifest, Stage
 
 
 @dataclass(frozen=True)
 class StageEntry:
-    """One line of the table: a stage, the stages whose artifacts it reads, its help text."""
+    """One line of the table: a stage (its name and the module that defines its `STAGE`), the
+    stages whose artifacts it reads, its help text. The module is imported when the stage is
+    first needed, so `kiln --help`, `kiln ls` and `kiln lineage` import no stage (and no torch)."""
 
-    stage: Stage
+    name: str
+    module: str
     inputs: tuple[str, ...]
     help: str
     command: bool = True  # a `kiln <name>` command and a deployment of its own
     # skipped in a run whose config says so (the sample crawl, when crawl files are given)
     skip_if: Callable[[Any], bool] | None = None
-    # artifacts read beyond `inputs`, named by the stage's own config (dedup.against)
-    extra_inputs: Callable[[Any, ArtifactStore], list[Manifest]] | None = None
+    # the module's function naming artifacts read beyond `inputs`, from the stage's own config
+    # (dedup.against): (config, store) -> manifests
+    extra_inputs: str | None = None
     # its first input is the trained model its section's `model` setting names (quantize, evaluate);
     # `inputs` holds the default
     model_input: bool = False
 
-    @property
-    def name(self) -> str:
-        return self.stage.name
+    @cached_property
+    def stage(self) -> Stage:
+        stage = importlib.import_module(self.module).STAGE
+        assert stage.name == self.name, f"{self.module}.STAGE is {stage.name!r}, the table says {self.name!r}"
+        return stage
+
+    @classmethod
+    def of(cls, stage: Stage, inputs: tuple[str, ...], help: str, **settings: Any) -> StageEntry:
+        """An entry for a stage object at hand (a test's), not found through a module."""
+        entry = cls(stage.name, "", inputs, help, **settings)
+        entry.__dict__["stage"] = stage  # what the cached property would hold
+        return entry
+
+    def read_extra_inputs(self, config: Any, store: ArtifactStore) -> list[Manifest]:
+        if self.extra_inputs is None:
+            return []
+        return getattr(importlib.import_module(self.module), self.extra_inputs)(config, store)
 
     @property
     def section(self) -> str:
@@ -54,19 +73,19 @@ class StageEntry:
 
 
 TABLE: tuple[StageEntry, ...] = (
-    StageEntry(sample_crawl.STAGE, (), "The offline sample crawl (Python's documentation as WARC).",
+    StageEntry("sample-crawl", "pipelines.sample_crawl", (), "The offline sample crawl (Python's documentation as WARC).",
                command=False, skip_if=lambda config: bool(config.ingest.inputs)),
-    StageEntry(ingest.STAGE, ("sample-crawl",), "Read WARC files into Parquet document shards."),
-    StageEntry(clean.STAGE, ("ingest",), "Extract main text and apply the quality filters (runs ingest first if needed)."),
-    StageEntry(dedup.STAGE, ("clean",), "Exact and MinHash near-duplicate removal (runs ingest and clean first if needed).",
-               extra_inputs=dedup.earlier_corpus),
-    StageEntry(tokenizer.STAGE, ("dedup",), "Train the byte-level BPE tokenizer on the deduplicated corpus."),
-    StageEntry(pack.STAGE, ("dedup", "tokenizer"), "Tokenize and pack the corpus into Parquet token shards (train/ and val/)."),
-    StageEntry(pretrain.STAGE, ("pack", "tokenizer"), "Pretrain the transformer under accelerate on the token shards."),
-    StageEntry(sft.STAGE, ("pretrain", "tokenizer"), "Supervised fine-tuning on instruction data (offline default: Q&A from the stdlib docs)."),
-    StageEntry(dpo.STAGE, ("sft", "tokenizer"), "Preference tuning (DPO or IPO) of the SFT model."),
-    StageEntry(quantize.STAGE, ("dpo", "pack", "tokenizer"), "Quantize a trained model's weights: int8, or int4 by round-to-nearest or AWQ.", model_input=True),
-    StageEntry(evaluate.STAGE, ("dpo", "pack", "tokenizer"), "Held-out loss, perplexity, bits per byte and multiple-choice accuracy.", model_input=True),
+    StageEntry("ingest", "pipelines.ingest", ("sample-crawl",), "Read WARC files into Parquet document shards."),
+    StageEntry("clean", "pipelines.clean", ("ingest",), "Extract main text and apply the quality filters (runs ingest first if needed)."),
+    StageEntry("dedup", "pipelines.dedup", ("clean",), "Exact and MinHash near-duplicate removal (runs ingest and clean first if needed).",
+               extra_inputs="earlier_corpus"),
+    StageEntry("tokenizer", "pipelines.tokenizer", ("dedup",), "Train the byte-level BPE tokenizer on the deduplicated corpus."),
+    StageEntry("pack", "pipelines.pack", ("dedup", "tokenizer"), "Tokenize and pack the corpus into Parquet token shards (train/ and val/)."),
+    StageEntry("pretrain", "model.pretrain", ("pack", "tokenizer"), "Pretrain the transformer under accelerate on the token shards."),
+    StageEntry("sft", "model.sft", ("pretrain", "tokenizer"), "Supervised fine-tuning on instruction data (offline default: Q&A from the stdlib docs)."),
+    StageEntry("dpo", "model.dpo", ("sft", "tokenizer"), "Preference tuning (DPO or IPO) of the SFT model."),
+    StageEntry("quantize", "model.quantize", ("dpo", "pack", "tokenizer"), "Quantize a trained model's weights: int8, or int4 by round-to-nearest or AWQ.", model_input=True),
+    StageEntry("evaluate", "model.evaluate", ("dpo", "pack", "tokenizer"), "Held-out loss, perplexity, bits per byte and multiple-choice accuracy.", model_input=True),
 )
 STAGES: dict[str, StageEntry] = {entry.name: entry for entry in TABLE}
 
@@ -97,12 +116,15 @@ def model_stages() -> tuple[str, ...]:
     return tuple(entry.name for entry in TABLE if entry.trains_a_model)
 
 
-def _check_table() -> None:
+def check_table(with_modules: bool = False) -> None:
+    """Every stage reads only stages before it; `with_modules` (the tests) also imports each
+    stage and checks the models its `model` setting may name."""
     for position, entry in enumerate(TABLE):
         earlier = {e.name for e in TABLE[:position]}
-        choices = entry.stage.config_cls.model_fields["model"].annotation.__args__ if entry.model_input else ()
+        choices = (entry.stage.config_cls.model_fields["model"].annotation.__args__
+                   if entry.model_input and with_modules else ())
         missing = [name for name in (*entry.inputs, *choices) if name not in earlier]
         assert not missing, f"stage {entry.name} reads {missing}, which do not come before it in the table"
 
 
-_check_table()
+check_table()

@@ -51,9 +51,30 @@ def test_the_chain_of_a_stage_is_what_it_reads():
         chain("nope")
 
 
+def test_every_line_names_its_module_s_stage_and_reads_only_earlier_stages():
+    from flows.stages import check_table
+
+    check_table(with_modules=True)  # imports every stage: its STAGE's name is the line's
+    assert all(entry.stage.name == entry.name for entry in TABLE)
+
+
+@pytest.mark.parametrize("command", [["--help"], ["ls"], ["lineage", "abcdef"]])
+def test_the_light_commands_import_no_stage_and_no_torch(command, tmp_path):
+    """`kiln --help`, `kiln ls` and `kiln lineage` need the table's names, not its stages."""
+    probe = ("import sys\nfrom flows import cli\nsys.argv = ['kiln', *sys.argv[1:]]\n"
+             "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'datatrove', 'ray')"
+             " or m.startswith(('model.', 'pipelines.')))\n"
+             "print('HEAVY', heavy)\n")
+    extra = ["--data-dir", str(tmp_path)] if command != ["--help"] else []
+    done = subprocess.run([sys.executable, "-c", probe, *command, *extra], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert "HEAVY []" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+
+
 @pytest.fixture
 def checkout_with_a_toy_stage(tmp_path):
-    """A copy of Kiln's packages with pipelines/toy.py and its line (and import) in the table."""
+    """A copy of Kiln's packages with pipelines/toy.py and its line in the table."""
     copy = tmp_path / "kiln"
     for package in ("pipelines", "model", "flows", "storage", "configs"):
         shutil.copytree(ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
@@ -61,13 +82,12 @@ def checkout_with_a_toy_stage(tmp_path):
     table = copy / "flows" / "stages.py"
     before = table.read_text().splitlines()
     text = table.read_text()
-    text = text.replace("from pipelines import clean,", "from pipelines import toy, clean,", 1)
-    last = next(line for line in before if line.strip().startswith("StageEntry(evaluate.STAGE"))
-    text = text.replace(last, last + '\n    StageEntry(toy.STAGE, (), "Count the words of toy.text."),', 1)
+    last = next(line for line in before if line.strip().startswith('StageEntry("evaluate"'))
+    text = text.replace(last, last + '\n    StageEntry("toy", "pipelines.toy", (), "Count the words of toy.text."),', 1)
     table.write_text(text)
     after = text.splitlines()
     changed = [line for line in after if line not in before]
-    assert len(changed) == 2 and len(after) == len(before) + 1, changed  # the import, and the table line
+    assert len(changed) == 1 and len(after) == len(before) + 1, changed  # the table line, nothing else
     return copy
 
 

@@ -30,7 +30,7 @@ def flaky_build(config, inputs, store, writer):
 @pytest.fixture
 def flaky_stage(monkeypatch):
     ATTEMPTS.clear()
-    entry = flows.stages.StageEntry(Stage("flaky", FlakyConfig, flaky_build), (), "A stage that fails at first.")
+    entry = flows.stages.StageEntry.of(Stage("flaky", FlakyConfig, flaky_build), (), "A stage that fails at first.")
     monkeypatch.setitem(flows.stages.STAGES, "flaky", entry)
 
 
