@@ -2,10 +2,20 @@
 
 Inputs: the SFT model artifact and the tokenizer artifact. Data: a local file or directory of
 preference pairs, or by default pairs built offline from the standard library's documentation
-(model/stdlib_qa.py), in either of these shapes (JSON list or JSONL):
+(model/stdlib_qa.py), in any of these shapes (JSON list or JSONL):
 
     {"prompt": "..." | [messages], "chosen": "...", "rejected": "..."}
     {"instruction": ..., "input": ..., "chosen": "...", "rejected": "..."}      (Alpaca-style)
+    {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": "..."}          (HH-RLHF transcripts)
+
+also gzip'd (`.jsonl.gz`). An HH-RLHF pair is two whole transcripts that share all but the last
+assistant turn: the shared turns are the prompt (Human -> user, Assistant -> assistant), the two
+final turns the responses; transcripts that share no prompt are malformed entries.
+
+A pair longer than a row is cropped from the left of its prompt (`crop_prompt`): the responses,
+where the two differ, are what DPO learns from. A pair whose two conversations are the same tokens
+(the same response, or the same once cut) carries no preference and is skipped: the manifest
+counts every entry read as a pair used or skipped by reason.
 
 For a prompt x and responses y_w (chosen), y_l (rejected), with the policy pi starting as the
 SFT model and a frozen copy of it as the reference pi_ref:
@@ -13,27 +23,29 @@ SFT model and a frozen copy of it as the reference pi_ref:
     h = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))
     sigmoid (DPO):  -log sigmoid(beta * h)          IPO:  (h - 1 / (2 beta))^2
 
-log pi(y|x) sums the log-probabilities of the response tokens (the assistant's content and its
-`<|end|>`, the SFT loss mask). The reference is either a copy of the model held by the
-objective (`reference: model`), or its log-probabilities computed once before training
-(`precomputed`, kept in `reference_logps.safetensors` in the artifact, reused on resume), so
-that no second model stays in memory. Metrics on train and held-out pairs: loss, reward
-accuracy (chosen reward above rejected), reward margin, chosen and rejected rewards, where a
-response's reward is beta * (log pi - log pi_ref). The loss and the objective that runs in the
-training process are in model/objectives.py (`dpo_loss`, `DPOObjective`).
+log pi(y|x) sums the log-probabilities of the response tokens (the final assistant turn's content
+and its `<|end|>`; earlier assistant turns of a multi-turn prompt are context). The reference is
+either a copy of the model held by the objective (`reference: model`), or its log-probabilities
+computed once before training (`precomputed`, kept in `reference_logps.safetensors` in the
+artifact, reused on resume), so that no second model stays in memory. Metrics on train and
+held-out pairs: loss, reward accuracy (chosen reward above rejected), reward margin, chosen and
+rejected rewards, where a response's reward is beta * (log pi - log pi_ref). The loss and the
+objective that runs in the training process are in model/objectives.py (`dpo_loss`,
+`DPOObjective`).
 """
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import pyarrow as pa
 from pydantic import Field
 
 from model.chat_format import ChatFormat, ChatTokens, check_messages
-from model.instruction_data import BadEntry, alpaca_prompt, describe_data, split_holdout, string_field, write_table
+from model.instruction_data import (BadEntry, alpaca_prompt, describe_data, hh_pair, split_holdout, string_field,
+                                    write_table)
 from model.run_spec import DPOData, RunSpec, TrainConfig
 from model.training_stage import TUNING_STEPS, TuningConfig, prepare_tuning, run_training, training_stats
 from storage import ArtifactStore, ArtifactWriter, ConfigError, InputError, Manifest, Stage
@@ -67,6 +79,11 @@ def preference_pair(entry: Any) -> tuple[list[dict[str, str]], str, str]:
                 raise BadEntry("field 'prompt' must end with a user message")
     elif "instruction" in entry:
         messages = alpaca_prompt(entry)
+    elif "chosen" in entry:
+        messages, chosen, rejected = hh_pair(entry)
+        if not chosen or not rejected:
+            raise BadEntry("the final assistant turn of 'chosen' or 'rejected' is empty")
+        return messages, chosen, rejected
     else:
         raise BadEntry("expected 'prompt' (or 'instruction'), 'chosen' and 'rejected'")
     chosen, rejected = string_field(entry, "chosen"), string_field(entry, "rejected")
@@ -75,17 +92,72 @@ def preference_pair(entry: Any) -> tuple[list[dict[str, str]], str, str]:
     return messages, chosen, rejected
 
 
+class EncodedPair(NamedTuple):
+    chosen: ChatTokens
+    rejected: ChatTokens
+    prompt_cropped: bool     # earlier turns, or the start of the prompt, left out
+    responses_cut: bool      # a response longer than the row on its own, cut at its end
+
+
+def crop_prompt(chat: ChatFormat, prompt: list[dict[str, str]], room: int) -> list[dict[str, str]]:
+    """The prompt in at most `room` tokens (BOS included), cropped from the left: whole earliest
+    turns first, so that it still starts with a user turn (a leading system message is kept while
+    there are turns to drop), then the system message, then tokens from the start of the final
+    user turn's content; that content is empty when even its markup leaves no room."""
+    if len(chat.encode(prompt)) <= room:
+        return prompt
+    system = prompt[:1] if prompt[0]["role"] == "system" else []
+    turns = prompt[len(system):]
+    while len(turns) > 1:
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":
+            turns = turns[1:]
+        if len(chat.encode(system + turns)) <= room:
+            return system + turns
+    last = turns[-1]
+    keep = room - len(chat.encode([{**last, "content": ""}]))
+    content = last["content"]
+    while True:
+        offsets = chat.text_tokenizer.encode(content, add_special_tokens=False).offsets if content else []
+        if len(offsets) <= max(keep, 0):
+            return [{**last, "content": content}]
+        # Cut before the first token kept; the cut text may tokenize a little differently: measure again.
+        content = content[max(offsets[len(offsets) - keep][0], 1):] if keep > 0 else ""
+
+
 def encode_pair(chat: ChatFormat, prompt: list[dict[str, str]], chosen: str, rejected: str,
-                max_len: int) -> tuple[ChatTokens, ChatTokens] | None:
-    """Both conversations, each cut to max_len tokens; None when either has no response left."""
+                max_len: int) -> EncodedPair | None:
+    """Both conversations in at most max_len tokens each, with the same prompt: cropped from the
+    left (`crop_prompt`) to leave room for the longer response whole. Only a response that does
+    not fit even after the least of a prompt is cut, at its end. The mask is on the response
+    alone (a prompt's earlier assistant turns are context, not y). None when either
+    conversation has no response token left."""
+    replies = [{"role": "assistant", "content": response} for response in (chosen, rejected)]
+    longest = max(len(chat.encode([*prompt, reply], start=len(prompt))) for reply in replies)
+    kept = crop_prompt(chat, prompt, max_len - longest)
+    context = chat.encode(kept).ids
     pair = []
-    for response in (chosen, rejected):
-        tokens = chat.encode([*prompt, {"role": "assistant", "content": response}])
-        tokens = ChatTokens(tokens.ids[:max_len], tokens.mask[:max_len])
-        if not any(tokens.mask):
-            return None
-        pair.append(tokens)
-    return pair[0], pair[1]
+    for reply in replies:
+        response = chat.encode([*kept, reply], start=len(kept))
+        pair.append(ChatTokens(context + response.ids, [False] * len(context) + response.mask))
+    cut = any(len(tokens) > max_len for tokens in pair)
+    pair = [ChatTokens(tokens.ids[:max_len], tokens.mask[:max_len]) for tokens in pair]
+    if not all(any(tokens.mask) for tokens in pair):
+        return None
+    return EncodedPair(pair[0], pair[1], kept != prompt, cut)
+
+
+SKIP_REASONS = ("malformed", "identical", "identical_after_crop", "too_long")
+
+
+def skip_reason(encoded: EncodedPair | None, chosen: str, rejected: str) -> str | None:
+    """Why a pair is not trained on (None: it is). A pair of equal conversations has equal
+    rewards whatever the policy: it teaches nothing and, counted, pulls the accuracy to chance."""
+    if encoded is None:
+        return "too_long"
+    if encoded.chosen.ids == encoded.rejected.ids:
+        return "identical" if chosen == rejected else "identical_after_crop"
+    return None
 
 
 def build_dpo(config: DPOConfig, inputs: list[Manifest], store: ArtifactStore, writer: ArtifactWriter) -> dict[str, Any]:
@@ -97,19 +169,28 @@ def build_dpo(config: DPOConfig, inputs: list[Manifest], store: ArtifactStore, w
         if not val:
             raise ConfigError(f"dpo: nothing held out of {len(pairs)} pairs; raise holdout_fraction")
         chat = ChatFormat.from_dir(tuning.tokenizer_dir)
-        stats: dict[str, Any] = {**tuning.stats(), "pairs": {}, "dropped_too_long": 0}
+        # Every entry read is a pair used or skipped by reason: entries_read = sum(pairs) + sum(skipped_*).
+        stats: dict[str, Any] = {**tuning.stats(), "entries_read": len(pairs) + len(tuning.bad), "pairs": {},
+                                 **{f"skipped_{reason}": 0 for reason in SKIP_REASONS},
+                                 "prompts_cropped": 0, "responses_cut": 0}
+        stats["skipped_malformed"] = len(tuning.bad)
         for split, items in (("train", train), ("val", val)):
             columns: dict[str, list] = {"chosen": [], "chosen_mask": [], "rejected": [], "rejected_mask": []}
             for prompt, chosen, rejected in items:
                 encoded = encode_pair(chat, prompt, chosen, rejected, seq_len + 1)
-                if encoded is None:
-                    stats["dropped_too_long"] += 1
+                reason = skip_reason(encoded, chosen, rejected)
+                if reason is not None:
+                    stats[f"skipped_{reason}"] += 1
                     continue
-                for name, tokens in zip(("chosen", "rejected"), encoded):
+                stats["prompts_cropped"] += encoded.prompt_cropped
+                stats["responses_cut"] += encoded.responses_cut
+                for name, tokens in (("chosen", encoded.chosen), ("rejected", encoded.rejected)):
                     columns[name].append(tokens.ids)
                     columns[f"{name}_mask"].append(tokens.mask)
             if not columns["chosen"]:
-                raise InputError(f"dpo: no {split} pair fits in seq_len {seq_len}")
+                skipped = ", ".join(f"{reason} {stats['skipped_' + reason]}" for reason in SKIP_REASONS[1:])
+                raise InputError(f"dpo: no usable {split} pair of {len(items)} in seq_len {seq_len} "
+                                 f"(skipped so far: {skipped})")
             write_table(out_dir / "data" / f"{split}.parquet",
                         {k: pa.array(v, pa.list_(pa.bool_() if k.endswith("mask") else pa.int32()))
                          for k, v in columns.items()})
@@ -124,4 +205,4 @@ def build_dpo(config: DPOConfig, inputs: list[Manifest], store: ArtifactStore, w
         return {**training_stats(out_dir), **stats}
 
 
-STAGE = Stage("dpo", DPOConfig, build_dpo, code_version="1", describe_sources=lambda c: describe_data(c.data))
+STAGE = Stage("dpo", DPOConfig, build_dpo, code_version="2", describe_sources=lambda c: describe_data(c.data))

@@ -6,16 +6,20 @@ process reads.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import itertools
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +31,8 @@ from storage import InputError, atomic_file, atomic_write_bytes, local_sha256
 log = logging.getLogger("kiln")
 
 STDLIB_QA = Path(__file__).with_name("stdlib_qa.py")
-DATA_SUFFIXES = (".json", ".jsonl")
+DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+GZIP_MAGIC = b"\x1f\x8b"
 _HASH_RANGE = 1 << 64
 
 
@@ -38,9 +43,9 @@ class BadEntry(ValueError):
 def data_files(path: str) -> list[Path]:
     root = Path(path).expanduser()
     if root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(DATA_SUFFIXES))
         if not files:
-            raise InputError(f"{root}: no .json or .jsonl files")
+            raise InputError(f"{root}: no .json or .jsonl files (or .gz of them)")
         return files
     if not root.is_file():
         raise InputError(f"{root}: no such file or directory")
@@ -56,26 +61,53 @@ def describe_data(data: str | None) -> dict[str, Any]:
 
 
 
-def _json_entries(path: Path, text: str) -> Iterator[tuple[int, Any]]:
-    """(line, value) for each entry of a JSON list or each line of a JSONL file. A line that is
-    not JSON comes as (line, BadEntry); a JSON list that does not parse is an InputError in
-    either mode: there is no next entry to go on from."""
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        yield from _json_list(path, text, len(text) - len(stripped))
-        return
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
+def _is_gzip(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(2) == GZIP_MAGIC
+
+
+def _numbered_lines(path: Path, stream: IO[bytes]) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a binary stream, decoded as UTF-8 one line at a time,
+    so that a file that is not UTF-8 is reported at its line."""
+    for number, raw in enumerate(stream, start=1):
         try:
-            yield number, json.loads(raw)
-        except json.JSONDecodeError as err:
-            yield number, BadEntry(f"not valid JSON ({err.msg}, column {err.colno})")
+            yield number, raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InputError(f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start} of the line)") \
+                from None
 
 
-def _json_list(path: Path, text: str, start: int) -> Iterator[tuple[int, Any]]:
+def _file_entries(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line, value) for each entry of a JSON list or each line of a JSONL file, gzip'd or not
+    (told by its first bytes, whatever its name). JSONL is read a line at a time, decompressed as
+    it streams; a JSON list is read whole, as it must be parsed whole. A line that is not JSON
+    comes as (line, BadEntry); a JSON list that does not parse is an InputError in either mode:
+    there is no next entry to go on from."""
+    try:
+        with (gzip.open(path, "rb") if _is_gzip(path) else path.open("rb")) as stream:
+            lines = _numbered_lines(path, stream)
+            first = next(((number, text) for number, text in lines if text.strip()), None)
+            if first is None:
+                return
+            if first[1].lstrip().startswith("["):
+                yield from _json_list(path, first[1] + "".join(text for _, text in lines), first[0])
+                return
+            for number, text in itertools.chain([first], lines):
+                if not text.strip():
+                    continue
+                try:
+                    yield number, json.loads(text.rstrip("\r\n"))
+                except json.JSONDecodeError as err:
+                    yield number, BadEntry(f"not valid JSON ({err.msg}, column {err.colno})")
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError; a cut-off stream, EOFError
+        raise InputError(f"{path}: not readable ({err})") from None
+
+
+def _json_list(path: Path, text: str, first_line: int) -> Iterator[tuple[int, Any]]:
+    """The entries of a JSON list; `text` starts at line `first_line` of the file."""
     decoder = json.JSONDecoder()
-    position, line = start + 1, 1 + text.count("\n", 0, start)
+    start = len(text) - len(text.lstrip())
+    position, line = start + 1, first_line + text.count("\n", 0, start)
 
     def skip_space() -> None:
         nonlocal position, line
@@ -103,7 +135,7 @@ def _json_list(path: Path, text: str, start: int) -> Iterator[tuple[int, Any]]:
                 else:
                     raise json.JSONDecodeError("expected ',' or ']' after an entry", text, position)
     except json.JSONDecodeError as err:
-        raise InputError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        raise InputError(f"{path}:{err.lineno + first_line - 1}: not valid JSON ({err.msg})") from None
     skip_space()
     if position < len(text):
         raise InputError(f"{path}:{line}: text after the end of the JSON list")
@@ -113,11 +145,7 @@ def read_entries(files: list[Path], parse: Callable[[Any], Any], on_bad_line: st
     """Parsed entries of every file in order, and the `file:line: reason` of each bad one."""
     entries, bad = [], []
     for path in files:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-        for line, value in _json_entries(path, text):
+        for line, value in _file_entries(path):
             try:
                 if isinstance(value, BadEntry):
                     raise value
@@ -147,6 +175,49 @@ def alpaca_prompt(entry: dict) -> list[dict[str, str]]:
     if not instruction.strip():
         raise BadEntry("field 'instruction' is empty")
     return [{"role": "user", "content": instruction + (f"\n\n{extra}" if extra.strip() else "")}]
+
+
+# An HH-RLHF transcript: "\n\nHuman: ...\n\nAssistant: ...", turn after turn.
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def hh_transcript(text: str, key: str) -> list[dict[str, str]]:
+    """An HH-RLHF transcript (field `key` of the entry) as chat messages: Human -> user,
+    Assistant -> assistant, each turn's text stripped; two turns of the same role in a row are
+    one message (the chat template alternates)."""
+    if text.startswith(("Human:", "Assistant:")):
+        text = "\n\n" + text
+    parts = _HH_TURN.split(text)
+    if "Assistant" not in parts[1::2]:
+        raise BadEntry(f"field {key!r} is not an HH-RLHF transcript: no '\\n\\nAssistant:' turn")
+    if parts[0].strip():
+        raise BadEntry(f"field {key!r}: text before the first '\\n\\nHuman:' turn")
+    messages: list[dict[str, str]] = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        role, content = _HH_ROLES[speaker], content.strip()
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] = "\n\n".join(c for c in (messages[-1]["content"], content) if c)
+        else:
+            messages.append({"role": role, "content": content})
+    return messages
+
+
+def hh_pair(entry: dict) -> tuple[list[dict[str, str]], str, str]:
+    """An HH-RLHF entry, `chosen` and `rejected` as whole transcripts that share all but the last
+    assistant turn, as (the shared turns, the chosen final turn, the rejected final turn)."""
+    chosen = hh_transcript(string_field(entry, "chosen"), "chosen")
+    rejected = hh_transcript(string_field(entry, "rejected"), "rejected")
+    for key, messages in (("chosen", chosen), ("rejected", rejected)):
+        if messages[-1]["role"] != "assistant":
+            raise BadEntry(f"field {key!r}: the transcript does not end with an assistant turn")
+        if len(messages) < 2:
+            raise BadEntry(f"field {key!r}: no human turn before the final assistant turn")
+    prompt, other = chosen[:-1], rejected[:-1]
+    if prompt != other:
+        turn = next((i for i, (a, b) in enumerate(zip(prompt, other)) if a != b), min(len(prompt), len(other)))
+        raise BadEntry(f"fields 'chosen' and 'rejected' do not share a prompt (they differ at turn {turn + 1})")
+    return prompt, chosen[-1]["content"], rejected[-1]["content"]
 
 
 def holdout_key(prompt: list[dict[str, str]]) -> int:

@@ -6,6 +6,10 @@ built offline from the standard library's documentation (model/stdlib_qa.py):
 
     Alpaca-style   {"instruction": ..., "input": ..., "output": ...}   as a JSON list or JSONL
     messages       {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}   JSONL
+    HH-RLHF        {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": ...}   JSONL; the
+                   `chosen` transcript as messages (Human -> user, Assistant -> assistant)
+
+any of them gzip'd (`.jsonl.gz`, read as it streams).
 
 Each conversation is rendered with the tokenizer's chat template (model/chat_format.py), the
 loss mask covering what the assistant says; a stable hash of the prompt holds out
@@ -34,8 +38,8 @@ from pydantic import Field
 
 from model.chat_format import ChatFormat, ChatTokens, check_messages
 from model.checkpoint import load_checkpoint
-from model.instruction_data import (BadEntry, alpaca_prompt, describe_data, read_rows, split_holdout, string_field,
-                                    write_rows)
+from model.instruction_data import (BadEntry, alpaca_prompt, describe_data, hh_transcript, read_rows, split_holdout,
+                                    string_field, write_rows)
 from model.objectives import eval_indices, response_loss_sums
 from model.run_spec import RunSpec, SFTData, TrainConfig
 from model.training_stage import TUNING_STEPS, TuningConfig, prepare_tuning, run_training, training_stats
@@ -58,8 +62,13 @@ def sft_conversation(entry: Any) -> list[dict[str, str]]:
         if not any(m["role"] == "assistant" and m["content"] for m in messages):
             raise BadEntry("no assistant message to learn from")
         return messages
+    if "instruction" not in entry and "chosen" in entry:
+        messages = hh_transcript(string_field(entry, "chosen"), "chosen")
+        if not any(m["role"] == "assistant" and m["content"] for m in messages):
+            raise BadEntry("field 'chosen': no assistant turn to learn from")
+        return messages
     if "instruction" not in entry:
-        raise BadEntry("expected 'messages', or 'instruction' and 'output'")
+        raise BadEntry("expected 'messages', 'instruction' and 'output', or an HH-RLHF 'chosen' transcript")
     output = string_field(entry, "output")
     if not output.strip():
         raise BadEntry("field 'output' is empty")

@@ -1,6 +1,8 @@
-"""DPO: the loss against its formula, preference data and its malformed lines, response
-log-probabilities, and the stage with a reference model held in memory or precomputed."""
+"""DPO: the loss against its formula, preference data and its malformed lines (HH-RLHF's gzip'd
+transcripts among them), long pairs cropped from the left, response log-probabilities, and the
+stage with a reference model held in memory or precomputed, on HH-format data too."""
 
+import gzip
 import json
 import math
 import re
@@ -12,12 +14,20 @@ import torch.nn.functional as F
 
 from model import dpo, objectives
 from model.chat_format import ChatFormat
-from model.instruction_data import read_entries
+from model.instruction_data import data_files, read_entries
 from model.run_spec import DPOData, RunSpec, TrainConfig
+from pipelines.tokenizer import ASSISTANT, USER
 from storage import ArtifactStore, InputError
 from tests.model.test_chat_format import tokenizer_artifact
 from tests.model.test_pretrain import copy_inputs
-from tests.model.test_sft import model_artifact, write_lines
+from tests.model.test_sft import (
+    hh_records,
+    human_turn,
+    model_artifact,
+    preference_entries,
+    write_hh,
+    write_lines,
+)
 
 INSTRUCT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "instruct"
 
@@ -107,6 +117,56 @@ def test_real_preference_file_reads_whole():
     assert len(pairs) == 1100 and bad == []
 
 
+def test_hh_pairs_split_into_the_shared_turns_and_two_responses(tmp_path):
+    entries = preference_entries()
+    records = hh_records(entries)
+    first, second, own = entries[2 + 14], entries[2 + 7], entries[2]  # entry 2 has two earlier exchanges
+    prompt, chosen, rejected = dpo.preference_pair(records[2])
+    assert prompt == [{"role": "user", "content": human_turn(first)}, {"role": "assistant", "content": first["output"]},
+                      {"role": "user", "content": human_turn(second)},
+                      {"role": "assistant", "content": second["output"]}, {"role": "user", "content": human_turn(own)}]
+    assert (chosen, rejected) == (own["chosen"], own["rejected"])
+    assert dpo.preference_pair(records[0]) == ([{"role": "user", "content": human_turn(entries[0])}],
+                                               entries[0]["chosen"], entries[0]["rejected"])
+
+    transcript = records[4]["chosen"]
+    other = records[5]["rejected"]
+    malformed = [
+        {"chosen": "Paris.", "rejected": "Rome."},                                   # no turns at all
+        {"chosen": transcript, "rejected": other},                                   # different conversations
+        {"chosen": transcript, "rejected": transcript + "\n\nHuman: and then?"},     # ends with a human turn
+        {"chosen": transcript, "rejected": transcript.rsplit("\n\nAssistant:", 1)[0] + "\n\nAssistant:  "},
+    ]
+    path = write_hh(tmp_path / "bad.jsonl.gz", records[:2] + malformed)
+    pairs, bad = read_entries([path], dpo.preference_pair, "skip")
+    assert len(pairs) == 2
+    assert bad == [f"{path}:3: field 'chosen' is not an HH-RLHF transcript: no '\\n\\nAssistant:' turn",
+                   f"{path}:4: fields 'chosen' and 'rejected' do not share a prompt (they differ at turn 1)",
+                   f"{path}:5: field 'rejected': the transcript does not end with an assistant turn",
+                   f"{path}:6: the final assistant turn of 'chosen' or 'rejected' is empty"]
+    with pytest.raises(InputError, match=re.escape(f"{path}:3: field 'chosen' is not an HH-RLHF transcript")):
+        read_entries([path], dpo.preference_pair, "error")
+
+
+def test_a_gzipped_jsonl_file_is_read_as_it_streams(tmp_path):
+    records = hh_records(preference_entries())
+    (tmp_path / "hh").mkdir()
+    path = write_hh(tmp_path / "hh" / "train.jsonl.gz", records)
+    plain = write_lines(tmp_path / "train.jsonl", [json.dumps(r) for r in records])
+    assert data_files(str(tmp_path / "hh")) == [path], "a directory's .jsonl.gz files are data files"
+    pairs, bad = read_entries([path], dpo.preference_pair, "error")
+    assert len(pairs) == len(records) == 1100 and bad == []
+    assert pairs == read_entries([plain], dpo.preference_pair, "error")[0]
+    as_list = tmp_path / "list.json.gz"
+    as_list.write_bytes(gzip.compress(json.dumps(records[:3], indent=2).encode()))
+    assert read_entries([as_list], dpo.preference_pair, "error")[0] == pairs[:3]
+
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(InputError, match=re.escape(f"{cut}: not readable (Compressed file ended")):
+        read_entries([cut], dpo.preference_pair, "skip")
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     store = ArtifactStore(tmp_path_factory.mktemp("dpo"))
@@ -121,7 +181,7 @@ def test_sequence_logps_sum_the_response_tokens_only(inputs):
     model, _ = load_checkpoint(store.local_path(trained, "model"))
     chat = ChatFormat.from_dir(store.local_path(tok))
     prompt = [{"role": "user", "content": "Which module provides `dumps`?"}]
-    chosen, rejected = dpo.encode_pair(chat, prompt, "The `json` module.", "No idea", 64)
+    chosen, rejected, _, _ = dpo.encode_pair(chat, prompt, "The `json` module.", "No idea", 64)
     inputs_, targets, mask = objectives.collate([(chosen.ids, chosen.mask), (rejected.ids, rejected.mask)], chat.pad_id)
     with torch.no_grad():
         got = objectives.sequence_logps(model, inputs_, targets, mask)
@@ -132,6 +192,55 @@ def test_sequence_logps_sum_the_response_tokens_only(inputs):
             expected = sum(logp[i - 1, tokens.ids[i]].item() for i in response)
             assert got[row].item() == pytest.approx(expected, rel=1e-5)
             assert tokens.ids[response[-1]] == chat.end_id and len(response) < len(tokens.ids) - 5
+
+
+def test_a_long_pair_is_cropped_from_the_left_so_that_its_responses_survive(inputs):
+    store, _, tok = inputs
+    chat = ChatFormat.from_dir(store.local_path(tok))
+    pairs = [dpo.preference_pair(r) for r in hh_records(preference_entries())]
+    user, assistant = chat.tokenizer.token_to_id(USER), chat.tokenizer.token_to_id(ASSISTANT)
+
+    def reply(text: str) -> list[int]:
+        return [assistant, *chat.text_tokenizer.encode(text, add_special_tokens=False).ids, chat.end_id]
+
+    # What a right cut to 129 tokens did to this data: a third of the pairs token-identical.
+    def right_cut(prompt, response):
+        return chat.encode([*prompt, {"role": "assistant", "content": response}]).ids[:129]
+
+    assert sum(right_cut(p, c) == right_cut(p, r) for p, c, r in pairs) > len(pairs) / 3
+    for max_len in (129, 65):
+        reasons, modes = [], {"whole turns": 0, "start of the question": 0}
+        for prompt, chosen, rejected in pairs:
+            encoded = dpo.encode_pair(chat, prompt, chosen, rejected, max_len)
+            reasons.append(dpo.skip_reason(encoded, chosen, rejected))
+            assert encoded is not None
+            for response, tokens in ((chosen, encoded.chosen), (rejected, encoded.rejected)):
+                assert len(tokens) <= max_len and tokens.ids[:2] == [chat.bos_id, user]
+                if encoded.responses_cut:
+                    continue
+                assert tokens.ids[-len(reply(response)):] == reply(response), "the response whole, at the end"
+                assert sum(tokens.mask) == len(reply(response)) - 1, "and the loss on it alone, past its role token"
+            if encoded.prompt_cropped and not encoded.responses_cut:
+                room = max_len - max(len(reply(chosen)), len(reply(rejected)))
+                kept = dpo.crop_prompt(chat, prompt, room)
+                if len(kept) > 1 or kept[0] == prompt[-1]:
+                    assert kept == prompt[-len(kept):] and kept[0]["role"] == "user"
+                    modes["whole turns"] += 1
+                else:
+                    assert prompt[-1]["content"].endswith(kept[0]["content"]) and kept[0]["role"] == "user"
+                    modes["start of the question"] += 1
+        same = sum(c == r for _, c, r in pairs)
+        if max_len == 129:
+            assert reasons.count(None) == len(pairs) - same, "only the pairs the data itself makes equal are left out"
+        assert reasons.count("identical") == same == 6
+        assert modes["whole turns"] > 100 and (max_len == 129 or modes["start of the question"] > 50), modes
+
+    # Responses alone longer than the row: cut at their end, and, if nothing that differs is left, skipped.
+    prompt = [{"role": "user", "content": "Describe the module."}]
+    shared = "The json module encodes and decodes JSON documents, " * 4
+    encoded = dpo.encode_pair(chat, prompt, shared + "politely.", shared + "rudely.", 40)
+    assert encoded.responses_cut and len(encoded.chosen) == len(encoded.rejected) == 40
+    assert dpo.skip_reason(encoded, shared + "politely.", shared + "rudely.") == "identical_after_crop"
 
 
 # ------------------------------------------------------------------ the stage
@@ -156,7 +265,7 @@ def pair_files(chat: ChatFormat, directory: Path, count: int = 20) -> dict[str, 
         columns = {"chosen": [], "chosen_mask": [], "rejected": [], "rejected_mask": []}
         for i in range(count):
             prompt = [{"role": "user", "content": f"What is {i} + {i}? ({split})"}]
-            chosen, rejected = dpo.encode_pair(chat, prompt, f"It is {2 * i}.", f"Maybe {i}, who knows", 64)
+            chosen, rejected, _, _ = dpo.encode_pair(chat, prompt, f"It is {2 * i}.", f"Maybe {i}, who knows", 64)
             for name, tokens in (("chosen", chosen), ("rejected", rejected)):
                 columns[name].append(tokens.ids)
                 columns[f"{name}_mask"].append(tokens.mask)
@@ -223,6 +332,31 @@ def test_dpo_stage_moves_the_policy_towards_the_chosen_responses(inputs, tmp_pat
     assert stats["val_reward_margin"] == pytest.approx(stats["val_chosen_reward"] - stats["val_rejected_reward"],
                                                        abs=1e-4)
     assert json.loads(target.local_path(manifest, "model/config.json").read_text())["stage"] == "dpo"
+
+
+@pytest.mark.slow
+def test_dpo_on_hh_rlhf_data_learns_the_preference_and_accounts_for_every_entry(inputs, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    records = hh_records(preference_entries())
+    path = write_hh(tmp_path / "hh-rlhf.jsonl.gz", records, (
+        json.dumps({"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi"}),
+        json.dumps({"chosen": records[0]["chosen"], "rejected": records[1]["rejected"]})))
+    store, trained, tok = inputs
+    target = copy_inputs(store, tmp_path / "store", [trained, tok])
+    train = TrainConfig(batch_size=16, max_steps=40, warmup_steps=0, lr=3e-3, eval_every=40, eval_batches=8,
+                        checkpoint_every=40, log_every=5)
+    manifest = dpo.STAGE.run(dpo.DPOConfig(data=str(path), seq_len=64, train=train), [trained, tok], target)
+    stats = manifest.stats
+    skipped = {key: stats[key] for key in stats if key.startswith("skipped_")}
+    print(f"HH-format DPO: held-out reward accuracy {stats['val_reward_accuracy']:.3f} on {stats['pairs']['val']} "
+          f"pairs; {stats['entries_read']} read, {stats['pairs']}, {skipped}, "
+          f"{stats['prompts_cropped']} prompts cropped, {stats['responses_cut']} responses cut")
+    assert stats["entries_read"] == len(records) + 2 == sum(stats["pairs"].values()) + sum(skipped.values())
+    assert skipped["skipped_malformed"] == stats["bad_lines"] == 2
+    assert skipped["skipped_identical"] == 6 and skipped["skipped_identical_after_crop"] >= 1
+    assert stats["prompts_cropped"] > len(records) / 2
+    assert stats["pairs"]["val"] > 90 and stats["val_reward_accuracy"] > 0.6
+    assert stats["val_reward_margin"] > 0
 
 
 def test_dpo_needs_a_model_and_a_tokenizer(inputs):

@@ -1,7 +1,9 @@
-"""SFT: instruction data in its common shapes, malformed lines reported by file and line, the
-held-out split, packed rows with the loss mask, the offline default data, and the stage under
-accelerate (the response loss falls below the starting model's; a killed run resumes)."""
+"""SFT: instruction data in its common shapes (HH-RLHF's gzip'd transcripts among them), malformed
+lines reported by file and line, the held-out split, packed rows with the loss mask, the offline
+default data, and the stage under accelerate (the response loss falls below the starting model's;
+a killed run resumes)."""
 
+import gzip
 import json
 import logging
 import math
@@ -24,12 +26,14 @@ from model.chat_format import ChatFormat
 from model.checkpoint import save_checkpoint
 from model.model import ModelConfig, Transformer
 from model.run_spec import TrainConfig
+from pipelines.tokenizer import ROLE_TOKENS
 from storage import ArtifactStore, InputError
 from tests.model.test_chat_format import tokenizer_artifact
 from tests.model.test_pretrain import copy_inputs, losses, next_staging, step_logged
 
 ROOT = Path(__file__).resolve().parents[2]
 INSTRUCT = ROOT.parent / "shared" / "data" / "instruct"
+PREFERENCES = INSTRUCT / "rasbt_ch07_instruction-data-with-preference.json"
 
 
 def model_artifact(store: ArtifactStore, stage: str, tok, seed: int = 0, seq_len: int = 64):
@@ -68,6 +72,37 @@ def write_lines(path: Path, lines: list[str]) -> Path:
     return path
 
 
+def preference_entries() -> list[dict]:
+    if not PREFERENCES.is_file():
+        pytest.skip(f"{PREFERENCES} is absent")
+    return json.loads(PREFERENCES.read_text(encoding="utf-8"))
+
+
+def human_turn(entry: dict) -> str:
+    return entry["instruction"] + (f"\n\n{entry['input']}" if entry["input"] else "")
+
+
+def hh_records(entries: list[dict]) -> list[dict[str, str]]:
+    """The real preference set as Anthropic's HH-RLHF has it: `chosen` and `rejected` as whole
+    transcripts, the same up to their final assistant turn. Two entries in three start with one or
+    two earlier real exchanges (other entries' question and answer), as HH's multi-turn ones do."""
+    records = []
+    for i, entry in enumerate(entries):
+        earlier = [entries[(i + 7 * k) % len(entries)] for k in range(i % 3, 0, -1)]
+        history = "".join(f"\n\nHuman: {human_turn(e)}\n\nAssistant: {e['output']}" for e in earlier)
+        prompt = f"{history}\n\nHuman: {human_turn(entry)}\n\nAssistant:"
+        records.append({"chosen": f"{prompt} {entry['chosen']}", "rejected": f"{prompt} {entry['rejected']}"})
+    return records
+
+
+def write_hh(path: Path, records: list[dict], extra_lines: tuple[str, ...] = ()) -> Path:
+    """JSONL, gzip'd, as HH-RLHF ships."""
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in records)
+        handle.writelines(line + "\n" for line in extra_lines)
+    return path
+
+
 def test_alpaca_and_messages_entries_become_conversations(tmp_path):
     alpaca = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
               {"instruction": "Say hi.", "input": "", "output": "Hi!"},
@@ -83,6 +118,24 @@ def test_alpaca_and_messages_entries_become_conversations(tmp_path):
     assert entries[1][0]["content"] == "Say hi." and entries[2][0]["content"] == "Say bye."
     assert entries[3] == entries[0], "the same entry as JSONL"
     assert [m["role"] for m in entries[4]] == ["system", "user", "assistant"]
+
+
+def test_hh_transcripts_become_conversations(tmp_path):
+    entries = preference_entries()
+    path = write_hh(tmp_path / "hh.jsonl.gz", [{"chosen": r["chosen"]} for r in hh_records(entries)[:3]] + [
+        {"chosen": "\n\nHuman: no answer yet"}, {"chosen": "Human: hi\n\nAssistant:"}])
+    conversations, bad = instruction_data.read_entries([path], sft.sft_conversation, "skip")
+    first, second = entries[:2]
+    assert conversations[0] == [{"role": "user", "content": human_turn(first)},
+                                {"role": "assistant", "content": first["chosen"]}]
+    earlier = entries[1 + 7]
+    assert conversations[1] == [{"role": "user", "content": human_turn(earlier)},
+                                {"role": "assistant", "content": earlier["output"]},
+                                {"role": "user", "content": human_turn(second)},
+                                {"role": "assistant", "content": second["chosen"]}]
+    assert [m["role"] for m in conversations[2]] == ["user", "assistant"] * 3
+    assert bad == [f"{path}:4: field 'chosen' is not an HH-RLHF transcript: no '\\n\\nAssistant:' turn",
+                   f"{path}:5: field 'chosen': no assistant turn to learn from"]
 
 
 def test_real_instruction_file_reads_whole():
@@ -244,6 +297,47 @@ def test_sft_resumes_after_sigkill_and_learns_the_responses(inputs, tmp_path, mo
     model_dir = killed_store.local_path(resumed, "model")
     assert json.loads((model_dir / "config.json").read_text())["stage"] == "sft"
     assert ChatFormat.from_dir(model_dir).render([{"role": "user", "content": "x"}]) == "<|bos|><|user|>x<|end|>"
+
+
+@pytest.mark.slow
+def test_sft_on_hh_chosen_transcripts_learns_the_assistant_turns_only(inputs, chat, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    entries = preference_entries()
+    path = write_hh(tmp_path / "hh.jsonl.gz", hh_records(entries))  # chosen and rejected: SFT reads `chosen`
+    store, pretrained, tok = inputs
+    target = copy_inputs(store, tmp_path / "store", [pretrained, tok])
+    train = TrainConfig(batch_size=8, max_steps=8, warmup_steps=0, lr=3e-3, eval_every=8, eval_batches=4,
+                        checkpoint_every=8, log_every=4)
+    manifest = sft.STAGE.run(sft.SFTConfig(data=str(path), seq_len=256, train=train), [pretrained, tok], target)
+    stats = manifest.stats
+    assert stats["bad_lines"] == 0 and sum(stats["conversations"].values()) == len(entries)
+    assert stats["val_response_loss"] < 0.9 * stats["pretrained_val_response_loss"]
+
+    # Walk the rows written for training by their role tokens: the mask is true on every token
+    # of an assistant turn (its text and its <|end|>) and on nothing else.
+    roles = {chat.tokenizer.token_to_id(token): role for role, token in ROLE_TOKENS.items()}
+    answers = {e[key].strip() for e in entries for key in ("chosen", "output")}
+    questions = {human_turn(e).strip() for e in entries}
+    said: dict[str, list[str]] = {"user": [], "assistant": []}
+    for split in ("train", "val"):
+        tokens, mask = instruction_data.read_rows(target.local_path(manifest, f"data/{split}.parquet"))
+        for row, row_mask in zip(tokens.tolist(), mask.tolist()):
+            role, turn = None, []
+            for token, trained in zip(row, row_mask):
+                if token in roles or token in (chat.bos_id, chat.pad_id):
+                    assert not trained
+                    role, turn = roles.get(token), []
+                    continue
+                assert trained == (role == "assistant"), f"a {role} token {'in' if trained else 'out of'} the mask"
+                if token == chat.end_id:
+                    said[role].append(chat.text_tokenizer.decode(turn))
+                    role, turn = None, []
+                else:
+                    turn.append(token)
+    assert set(said["assistant"]) <= answers and set(said["user"]) <= questions
+    turns = sum(i % 3 + 1 for i in range(len(entries)))  # a conversation cut to its row loses at most 3
+    assert turns >= len(said["assistant"]) >= turns - 3 * stats["truncated"] > 0.95 * turns, \
+        "every assistant turn is learned from, the earlier ones as well as the last"
 
 
 def test_bad_inputs_are_clear_errors(inputs, tmp_path):
