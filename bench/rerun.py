@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench._results import result_path, write_result  # noqa: E402
-from flows.summary import statuses_from_output  # noqa: E402
+from flows.terminal_tables import statuses_from_output  # noqa: E402
 from model.launch import free_port  # noqa: E402
 
 KILN = [sys.executable, "-m", "flows.cli"]

@@ -1,4 +1,5 @@
-"""`kiln chat`: talk to a trained model in the terminal (registered in flows/cli.py).
+"""`kiln chat`: talk to a trained model in the terminal (registered in flows/cli.py; its
+arguments shared with the other model commands through flows/options.py).
 
 The loop itself is `model.chat.run_chat`; this is the command line around it.
 """
@@ -10,12 +11,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from flows.options import DataDirOpt, ModelArg, resolve_model_dir
+
 
 def chat(
-    model: Annotated[Optional[str], typer.Argument(
-        help="A checkpoint directory, or a fingerprint of a pretrain/sft/dpo artifact (default: the newest).")] = None,
-    data_dir: Annotated[Optional[str], typer.Option(
-        "--data-dir", help="Artifact store: a directory or fsspec URL (default ./data or $KILN_DATA).")] = None,
+    model: ModelArg = None,
+    data_dir: DataDirOpt = None,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
     top_k: Annotated[Optional[int], typer.Option(help="Sample among the k likeliest tokens.")] = 50,
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling: the smallest set with this mass.")] = 0.95,
@@ -24,7 +25,6 @@ def chat(
     system: Annotated[Optional[str], typer.Option(help="A system message to start the conversation with.")] = None,
 ) -> None:
     """Chat with a trained model: streamed replies, history kept in the KV cache; /reset, /exit."""
-    from flows.cli import resolve_model_dir
     from model.chat import load_for_generation, run_chat
     from model.generate import SamplingConfig
     from storage import ArtifactStore, default_root

@@ -17,7 +17,8 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from flows.stages import CHAINS, TABLE, chain, model_stages
+from flows.options import DataDirOpt, ModelArg, fingerprint_of, resolve_model_dir
+from flows.stages import CHAINS, TABLE, chain
 from storage import ArtifactStore, KilnError, StorageError, default_root, os_error_line
 
 app = typer.Typer(
@@ -29,7 +30,6 @@ console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML run config (default: configs/tiny.yaml).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: section.key=value (repeatable).")]
-DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Artifact store: a directory or fsspec URL (default ./data or $KILN_DATA).")]
 InputOpt = Annotated[Optional[list[str]], typer.Option("--input", help="Crawl input: WARC path, glob or URL (repeatable). None: the offline sample crawl.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rebuild this command's stages even when cached.")]
 ExecutorOpt = Annotated[Optional[str], typer.Option(
@@ -54,7 +54,7 @@ def _stage_command(command: str, until: str, help_text: str, whole_chain: bool):
             ray_address: RayAddressOpt = None, harness: HarnessOpt = None, include_path: IncludePathOpt = None) -> None:
         from flows.config import load_config
         from flows.pipeline import pipeline_flow
-        from flows.summary import print_summary
+        from flows.terminal_tables import print_summary
         from pipelines.executor import check_ray_address
         from pipelines.ingest import expand_inputs
 
@@ -174,28 +174,6 @@ def serve(
                           str(config or "tiny"), list(refresh_input or []), cron)
 
 
-ModelArg = Annotated[Optional[str], typer.Argument(
-    help="A checkpoint directory, or a fingerprint of a pretrain/sft/dpo/quantize artifact "
-         "(default: the newest trained one).")]
-
-
-def resolve_model_dir(store: ArtifactStore, spec: str | None) -> Path:
-    """A checkpoint directory from a path, an artifact fingerprint, or the newest trained model."""
-    if spec and Path(spec).is_dir():
-        path = Path(spec)
-        return path / "model" if (path / "model" / "model.safetensors").exists() else path
-    if spec and ("/" in spec or spec.startswith(".")) and _fingerprint_of(spec) == spec:
-        raise KilnError(f"{spec}: no such checkpoint directory")
-    if spec:
-        manifest = store.find(_fingerprint_of(spec))
-    else:
-        trained = [m for stage in model_stages() for m in store.list(stage)]
-        if not trained:
-            raise KilnError(f"{store.url}: no trained model yet; run `kiln pretrain` first or name a checkpoint")
-        manifest = max(trained, key=lambda m: m.created)
-    return store.local_path(manifest, "model")
-
-
 @app.command()
 def generate(
     model: ModelArg = None,
@@ -305,7 +283,7 @@ def lineage(
     as_json: Annotated[bool, typer.Option("--json", help="Print the lineage tree as JSON.")] = False,
 ) -> None:
     """Trace an artifact back to the crawl files and configs that made it."""
-    from flows.summary import print_lineage
+    from flows.terminal_tables import print_lineage
 
     store = ArtifactStore(data_dir or default_root())
     store.check_usable(writable=False)
@@ -316,27 +294,19 @@ def lineage(
         print_lineage(Console(), tree)
 
 
-def _fingerprint_of(artifact: str) -> str:
-    """Accept a fingerprint, or any path inside an artifact directory `<stage>/<fingerprint>/...`."""
-    for part in reversed(Path(artifact).parts):
-        if len(part) == 64 and all(c in "0123456789abcdef" for c in part):
-            return part
-    return artifact
-
-
 def _artifact_in(store: ArtifactStore, artifact: str) -> str:
     """The fingerprint an argument names: a fingerprint (prefix), or a path inside the store."""
     if store.is_local and ("/" in artifact or Path(artifact).exists()):
         path, root = Path(artifact).resolve(), Path(store.root)
         if not path.is_relative_to(root):
             raise KilnError(f"{artifact}: not inside the data directory {root}")
-    return _fingerprint_of(artifact)
+    return fingerprint_of(artifact)
 
 
 @app.command("ls")
 def list_artifacts(data_dir: DataDirOpt = None, stage: Annotated[Optional[str], typer.Option(help="Only this stage.")] = None) -> None:
     """List the committed artifacts in the store."""
-    from flows.summary import print_artifacts
+    from flows.terminal_tables import print_artifacts
 
     store = ArtifactStore(data_dir or default_root())
     store.check_usable(writable=False)

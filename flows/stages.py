@@ -37,6 +37,8 @@ class StageEntry:
     # its first input is the trained model its section's `model` setting names (quantize, evaluate);
     # `inputs` holds the default
     model_input: bool = False
+    # its artifact holds a model (`model/`) that generate, chat, export and serve-model take
+    makes_model: bool = False
 
     @cached_property
     def stage(self) -> Stage:
@@ -81,10 +83,11 @@ TABLE: tuple[StageEntry, ...] = (
                extra_inputs="earlier_corpus"),
     StageEntry("tokenizer", "pipelines.tokenizer", ("dedup",), "Train the byte-level BPE tokenizer on the deduplicated corpus."),
     StageEntry("pack", "pipelines.pack", ("dedup", "tokenizer"), "Tokenize and pack the corpus into Parquet token shards (train/ and val/)."),
-    StageEntry("pretrain", "model.pretrain", ("pack", "tokenizer"), "Pretrain the transformer under accelerate on the token shards."),
-    StageEntry("sft", "model.sft", ("pretrain", "tokenizer"), "Supervised fine-tuning on instruction data (offline default: Q&A from the stdlib docs)."),
-    StageEntry("dpo", "model.dpo", ("sft", "tokenizer"), "Preference tuning (DPO or IPO) of the SFT model."),
-    StageEntry("quantize", "model.quantize", ("dpo", "pack", "tokenizer"), "Quantize a trained model's weights: int8, or int4 by round-to-nearest or AWQ.", model_input=True),
+    StageEntry("pretrain", "model.pretrain", ("pack", "tokenizer"), "Pretrain the transformer under accelerate on the token shards.", makes_model=True),
+    StageEntry("sft", "model.sft", ("pretrain", "tokenizer"), "Supervised fine-tuning on instruction data (offline default: Q&A from the stdlib docs).", makes_model=True),
+    StageEntry("dpo", "model.dpo", ("sft", "tokenizer"), "Preference tuning (DPO or IPO) of the SFT model.", makes_model=True),
+    StageEntry("quantize", "model.quantize", ("dpo", "pack", "tokenizer"), "Quantize a trained model's weights: int8, or int4 by round-to-nearest or AWQ.",
+               model_input=True, makes_model=True),
     StageEntry("evaluate", "model.evaluate", ("dpo", "pack", "tokenizer"), "Held-out loss, perplexity, bits per byte and multiple-choice accuracy.", model_input=True),
 )
 STAGES: dict[str, StageEntry] = {entry.name: entry for entry in TABLE}
@@ -125,6 +128,8 @@ def check_table(with_modules: bool = False) -> None:
                    if entry.model_input and with_modules else ())
         missing = [name for name in (*entry.inputs, *choices) if name not in earlier]
         assert not missing, f"stage {entry.name} reads {missing}, which do not come before it in the table"
+        if with_modules:
+            assert not entry.trains_a_model or entry.makes_model, f"stage {entry.name} trains a model: makes_model"
 
 
 check_table()

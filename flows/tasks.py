@@ -26,8 +26,8 @@ from prefect import task
 from prefect.cache_policies import CachePolicy
 from prefect.tasks import exponential_backoff
 
-from flows.reports import publish
-from flows.results import SERIALIZER, safe_to_read
+from flows.ui_artifacts import publish
+from flows.result_records import SERIALIZER, safe_to_read
 from storage import PERMANENT_OS_ERRORS, ArtifactStore, KilnError, Manifest, Stage, StageConfig, StorageError
 
 RETRIES = 3
@@ -56,7 +56,7 @@ def cache_key(stage: Stage, fp: str, data_dir: str) -> str:
 
 def cache_is_usable(stage_name: str, config: StageConfig, inputs: list[Manifest], data_dir: str) -> bool:
     """Whether Prefect may answer the task from its cache: the artifact is committed and intact,
-    and the result record under the key is plain JSON (flows/results.py)."""
+    and the result record under the key is plain JSON (flows/result_records.py)."""
     stage = _stage(stage_name)
     fp = stage.fingerprint(config, inputs)
     return ArtifactStore(data_dir).get(stage_name, fp) is not None and safe_to_read(cache_key(stage, fp, data_dir))

@@ -10,7 +10,7 @@ from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from flows.summary import dropped
+from flows.terminal_tables import dropped
 
 CHART_WIDTH, CHART_HEIGHT = 60, 12
 

@@ -140,11 +140,16 @@ def model_inputs(stage: str, model_stage: str, inputs: list) -> tuple:
     return tuple(inputs)
 
 
+def check_holds_model(manifest) -> None:
+    """The one test of "is this artifact a model?": its manifest lists `model/model.safetensors`."""
+    if not any(f.path == f"model/{WEIGHTS}" for f in manifest.files):
+        raise InputError(f"{manifest.stage}/{manifest.short}: not a trained model artifact (no model/{WEIGHTS})")
+
+
 def artifact_checkpoint(store, manifest, scratch: Path | None = None) -> Path:
     """The checkpoint directory (`model/`) of a trained or quantized model artifact; with
     `scratch`, a local copy there when the store is remote."""
-    if not any(f.path == f"model/{WEIGHTS}" for f in manifest.files):
-        raise InputError(f"{manifest.stage}/{manifest.short}: not a trained model artifact (no model/{WEIGHTS})")
+    check_holds_model(manifest)
     return store.local_dir(manifest, "model", scratch) if scratch is not None else store.local_path(manifest, "model")
 
 

@@ -25,9 +25,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from model.model import IGNORE_INDEX
 from storage import ArtifactStore, Manifest
 
-IGNORE_INDEX = -100  # targets torch's cross_entropy skips
 
 
 class TokenShardLoader:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from model.model import IGNORE_INDEX
 from storage import ArtifactStore, ArtifactWriter, InputError, Manifest, Stage, StageConfig
 
 
@@ -49,8 +50,8 @@ def heldout_metrics(model, batches, token_bytes: torch.Tensor, device) -> dict[s
     for inputs, targets in batches:
         inputs, targets = inputs.to(device), targets.to(device)
         logits, _ = model(inputs)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
-        counted = targets.flatten() != -100
+        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+        counted = targets.flatten() != IGNORE_INDEX
         nats += losses[counted].double().sum().item()
         tokens += counted.sum().item()
         utf8_bytes += token_bytes[targets.flatten()[counted]].sum().item()

@@ -2,7 +2,9 @@
 
 Kiln's model follows Llama's conventions (rotate-half RoPE, bias-free projections, RMSNorm,
 SwiGLU), so exporting is renaming weights and writing a `LlamaConfig`: the exported model's
-logits equal Kiln's (tests/model/test_export.py checks it within 1e-4).
+logits equal Kiln's (tests/model/test_model.py checks it within 1e-4; tests/model/test_export.py
+checks the paths it writes to and that transformers, called as users call it, answers as `kiln
+generate`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, processors
 
 from model.chat_format import BOS
-from model.checkpoint import TOKENIZER_FILES, load_checkpoint
+from model.checkpoint import TOKENIZER_FILES, WEIGHTS, load_checkpoint
 from model.model import ModelConfig, Transformer
 from storage.outputs import write_output_dir
 
@@ -119,7 +121,7 @@ def export_llama(checkpoint: Path, output: Path, overwrite: bool = False) -> Pat
         (temp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
              "pad_token_id": config["pad_token_id"]}, indent=2))
-        save_file(llama_state_dict(model), str(temp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(llama_state_dict(model), str(temp / WEIGHTS), metadata={"format": "pt"})
         for name in TOKENIZER_FILES:
             if (checkpoint / name).exists():
                 shutil.copyfile(checkpoint / name, temp / name)

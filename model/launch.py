@@ -44,6 +44,11 @@ class LaunchConfig(BaseModel):
     main_process_ip: str | None = None
     main_process_port: int | None = Field(None, ge=1, le=65535, description="Rendezvous port; default: a free one.")
 
+    @property
+    def world_size(self) -> int:
+        """Ranks in all: processes per machine times machines."""
+        return self.num_processes * self.num_machines
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
@@ -81,7 +86,7 @@ def accelerate_command(script_module: str, run_json: Path, launch: LaunchConfig)
         args += ["--multi_gpu"]
     elif gpus == 0:
         args += ["--cpu"]
-    args += ["--num_processes", str(launch.num_processes * launch.num_machines),
+    args += ["--num_processes", str(launch.world_size),
              "--num_machines", str(launch.num_machines), "--machine_rank", str(launch.machine_rank),
              "--main_process_port", str(launch.main_process_port or free_port())]
     if launch.main_process_ip:

@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+IGNORE_INDEX = -100  # a target the loss skips (padding, SFT's prompt tokens): torch's cross_entropy default
+
 
 class ModelShape(BaseModel):
     """The architecture, as a run config sets it (`pretrain.model`); the vocabulary size and the
@@ -178,7 +180,7 @@ class Block(nn.Module):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """mean cross-entropy of `hidden @ weight.T` against targets (-100 ignored), by chunks of rows.
+    """mean cross-entropy of `hidden @ weight.T` against targets (IGNORE_INDEX skipped), by chunks of rows.
 
     Each chunk's gradient (softmax minus one-hot) is made in the forward pass, straight from
     its logits while they are in cache, and the chunk's logits are then dropped: the full
@@ -192,7 +194,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         # ~8 MB of fp32 logits per chunk on a CPU (cache-sized); on an accelerator, big matmuls
         budget = 1 << 23 if hidden.device.type == "cpu" else 1 << 30
         rows = max(64, budget // (4 * weight.size(0)))
-        kept = targets != -100
+        kept = targets != IGNORE_INDEX
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -256,7 +258,7 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """tokens [B, T] -> logits [B, T, vocab]; with targets, also the mean cross-entropy
-        (targets of -100 are ignored: padding, prompt tokens in SFT). Training with targets
+        (targets of IGNORE_INDEX are skipped: padding, prompt tokens in SFT). Training with targets
         returns the loss alone (logits None): it never makes the whole logits."""
         start = cache.length if cache is not None else 0
         cos, sin = self._rope(start, tokens.size(1), tokens.device)
@@ -274,7 +276,7 @@ class Transformer(nn.Module):
         logits = self.head(x)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
         return logits, loss
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:

@@ -48,7 +48,7 @@ def eval_indices(count: int, rank: int, world_size: int, limit: int) -> list[int
 
 class NextTokenObjective:
     """The part pretraining and SFT share: batches of (inputs, targets) and the model's own
-    cross-entropy, where targets of -100 (padding, or SFT's masked prompt tokens) count for nothing."""
+    cross-entropy, where targets of IGNORE_INDEX (padding, or SFT's masked prompt tokens) count for nothing."""
 
     device: torch.device
 

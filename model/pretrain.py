@@ -49,7 +49,7 @@ def check_inputs(inputs: list[Manifest]) -> tuple[Manifest, Manifest]:
 def build_pretrain(config: PretrainConfig, inputs: list[Manifest], store: ArtifactStore,
                    writer: ArtifactWriter) -> dict[str, Any]:
     pack, tokenizer = check_inputs(inputs)
-    processes = config.launch.num_processes * config.launch.num_machines
+    processes = config.launch.world_size
     check_batches(pack.stats.get("rows_per_split", {}), f"pack/{pack.short}", config.train, processes)
     with tempfile.TemporaryDirectory(prefix="kiln-pretrain-") as scratch_dir:
         scratch = Path(scratch_dir)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from model.checkpoint import (full_model_state, latest_checkpoint, load_training_checkpoint, rewrite_lines,
+from model.checkpoint import (WEIGHTS, full_model_state, latest_checkpoint, load_training_checkpoint, rewrite_lines,
                               save_checkpoint, save_training_checkpoint)
 from model.launch import exit_with_driver
 from model.model import Transformer, parameter_groups
@@ -86,7 +86,7 @@ class Run:
     def _build_model(self, init_from: Path | None) -> torch.nn.Module:
         model = Transformer(self.model_config)
         if init_from:  # SFT from a pretrained model, DPO from an SFT model
-            state = load_file(str(Path(init_from) / "model.safetensors"))
+            state = load_file(str(Path(init_from) / WEIGHTS))
             model.load_state_dict(state, strict=not self.model_config.tie_embeddings)
         model.activation_checkpointing = self.config.activation_checkpointing
         model = parallelize(model, self.parallelism, self.dist)

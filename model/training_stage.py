@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from model.checkpoint import read_config
+from model.checkpoint import check_holds_model, read_config
 from model.instruction_data import load_data
 from model.launch import LaunchConfig, run_accelerate
 from model.model import ModelConfig
@@ -50,8 +50,7 @@ def check_model_inputs(stage: str, inputs: list[Manifest], model_stages: tuple[s
     if len(inputs) != 2 or names[0] not in model_stages or names[1] != "tokenizer":
         raise InputError(f"{stage}: needs a {' or '.join(model_stages)} artifact and a tokenizer artifact, got {names}")
     trained, tokenizer = inputs
-    if not any(f.path == "model/model.safetensors" for f in trained.files):
-        raise InputError(f"{trained.stage}/{trained.short}: not a trained model artifact (no model/model.safetensors)")
+    check_holds_model(trained)
     return trained, tokenizer
 
 
@@ -113,7 +112,7 @@ def output_dir(store: ArtifactStore, writer: ArtifactWriter, scratch: Path) -> P
 def run_training(spec: RunSpec, launch: LaunchConfig, store: ArtifactStore, writer: ArtifactWriter) -> Path:
     """Write the spec, completed with the launch settings, into its output directory and run
     `model.train` on it under accelerate."""
-    spec = spec.model_copy(update={"expected_world_size": launch.num_processes * launch.num_machines,
+    spec = spec.model_copy(update={"expected_world_size": launch.world_size,
                                    "parallelism": launch.parallelism})
     run_accelerate("model.train", spec.write(), launch, spec.out_dir / "train.log", lock_fd=writer.lock_fd)
     if not store.is_local:

@@ -77,7 +77,7 @@ def build_ingest(config: IngestConfig, inputs: list[Manifest], store: ArtifactSt
                      result["counts"]["documents"], " (done in an earlier run)" if result["resumed"] else "")
     writer.sources = sources
     totals.update(executor.stats())
-    # The names every stage reports (see flows/summary.py): records in, documents out.
+    # The names every stage reports (see flows/terminal_tables.py): records in, documents out.
     totals["documents_in"] = totals["records"]
     totals["documents_out"] = totals["documents"]
     totals["dropped"] = {reason: totals[f"skipped_{reason}"] for reason in SKIP_REASONS if totals[f"skipped_{reason}"]}

@@ -12,7 +12,7 @@ import pytest
 
 from flows.config import load_config
 from flows.pipeline import pipeline_flow
-from flows.summary import statuses_from_output
+from flows.terminal_tables import statuses_from_output
 from storage import ArtifactStore
 
 # The tiny preset, cut down: the same chain, a few training steps.

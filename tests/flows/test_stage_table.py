@@ -58,6 +58,24 @@ def test_every_line_names_its_module_s_stage_and_reads_only_earlier_stages():
     assert all(entry.stage.name == entry.name for entry in TABLE)
 
 
+def test_the_config_stub_declares_the_table_s_sections():
+    """flows/config.pyi, what editors and type checkers read, says what flows/config.py builds."""
+    import ast
+
+    from flows.config import KilnConfig
+
+    stub = ast.parse((ROOT / "flows" / "config.pyi").read_text())
+    imported = {alias.asname or alias.name: f"{node.module}.{alias.name}" for node in ast.walk(stub)
+                if isinstance(node, ast.ImportFrom) for alias in node.names}
+    (declared,) = [node for node in stub.body if isinstance(node, ast.ClassDef) and node.name == "KilnConfig"]
+    fields = {node.target.id: ast.unparse(node.annotation) for node in declared.body if isinstance(node, ast.AnnAssign)}
+    assert list(fields) == list(KilnConfig.model_fields) == ["name", *(e.section for e in TABLE)]
+    for entry in TABLE:
+        config_cls = entry.stage.config_cls
+        assert imported[fields[entry.section]] == f"{config_cls.__module__}.{config_cls.__name__}", entry.section
+        assert KilnConfig.model_fields[entry.section].annotation is config_cls
+
+
 @pytest.mark.parametrize("command", [["--help"], ["ls"], ["lineage", "abcdef"]])
 def test_the_light_commands_import_no_stage_and_no_torch(command, tmp_path):
     """`kiln --help`, `kiln ls` and `kiln lineage` need the table's names, not its stages."""

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import pipelines.pack
-from model.data import IGNORE_INDEX, TokenShardLoader
+from model.data import TokenShardLoader
+from model.model import IGNORE_INDEX
 from pipelines.pack import STAGE, PackConfig
 from storage import ArtifactStore
 from tests.pipelines.test_pack import (DATA, document_artifact, in_shards, real_documents, rows_of,
