@@ -16,6 +16,9 @@ special tokens, which the tokenizer splits on before anything else, so the ids e
 the whole rendered string (tests/model/test_chat_format.py checks it against transformers).
 The loss mask is true on what the model must learn to write: each assistant message's content
 and the markup after it (its `<|end|>`); never the system or user turns or the role tokens.
+
+A conversation too long for a training row loses its start, not its end (`crop_prompt`): what
+comes before the final assistant turn is cropped from the left, for SFT and DPO alike.
 """
 
 from __future__ import annotations
@@ -163,3 +166,33 @@ class ChatFormat:
         if bos and start == 0 and tokens.ids[:1] != [self.bos_id]:  # unless the template starts with it
             tokens = ChatTokens([self.bos_id, *tokens.ids], [False, *tokens.mask])
         return tokens
+
+
+def crop_prompt(chat: ChatFormat, prompt: list[dict[str, str]], room: int) -> list[dict[str, str]]:
+    """The prompt in at most `room` tokens (BOS included), cropped from the left: whole earliest
+    turns first, so that it still starts with a user turn (a leading system message is kept while
+    there are turns to drop), then the system message, then tokens from the start of the final
+    turn's content (the final user turn's, where the prompt ends with one); that content is empty
+    when even its markup leaves no room, and then the prompt is longer than `room`.
+
+    What SFT and DPO do with a conversation longer than a row, so that its final assistant turn,
+    the one learned from, survives whole (model/sft.py, model/dpo.py)."""
+    if not prompt or len(chat.encode(prompt)) <= room:
+        return prompt
+    system = prompt[:1] if prompt[0]["role"] == "system" and len(prompt) > 1 else []
+    turns = prompt[len(system):]
+    while len(turns) > 1:
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":
+            turns = turns[1:]
+        if len(chat.encode(system + turns)) <= room:
+            return system + turns
+    last = turns[-1]
+    keep = room - len(chat.encode([{**last, "content": ""}]))
+    content = last["content"]
+    while True:
+        offsets = chat.text_tokenizer.encode(content, add_special_tokens=False).offsets if content else []
+        if len(offsets) <= max(keep, 0):
+            return [{**last, "content": content}]
+        # Cut before the first token kept; the cut text may tokenize a little differently: measure again.
+        content = content[max(offsets[len(offsets) - keep][0], 1):] if keep > 0 else ""

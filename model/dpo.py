@@ -12,10 +12,11 @@ also gzip'd (`.jsonl.gz`). An HH-RLHF pair is two whole transcripts that share a
 assistant turn: the shared turns are the prompt (Human -> user, Assistant -> assistant), the two
 final turns the responses; transcripts that share no prompt are malformed entries.
 
-A pair longer than a row is cropped from the left of its prompt (`crop_prompt`): the responses,
-where the two differ, are what DPO learns from. A pair whose two conversations are the same tokens
-(the same response, or the same once cut) carries no preference and is skipped: the manifest
-counts every entry read as a pair used or skipped by reason.
+A pair longer than a row is cropped from the left of its prompt (`crop_prompt` in
+model/chat_format.py, as SFT crops a long conversation): the responses, where the two differ, are
+what DPO learns from. A pair whose two conversations are the same tokens (the same response, or
+the same once cut) carries no preference and is skipped: the manifest counts every entry read as
+a pair used or skipped by reason.
 
 For a prompt x and responses y_w (chosen), y_l (rejected), with the policy pi starting as the
 SFT model and a frozen copy of it as the reference pi_ref:
@@ -43,7 +44,7 @@ from typing import Any, Literal, NamedTuple
 import pyarrow as pa
 from pydantic import Field
 
-from model.chat_format import ChatFormat, ChatTokens, check_messages
+from model.chat_format import ChatFormat, ChatTokens, check_messages, crop_prompt
 from model.instruction_data import (BadEntry, alpaca_prompt, describe_data, hh_pair, split_holdout, string_field,
                                     write_table)
 from model.run_spec import DPOData, RunSpec, TrainConfig
@@ -97,32 +98,6 @@ class EncodedPair(NamedTuple):
     rejected: ChatTokens
     prompt_cropped: bool     # earlier turns, or the start of the prompt, left out
     responses_cut: bool      # a response longer than the row on its own, cut at its end
-
-
-def crop_prompt(chat: ChatFormat, prompt: list[dict[str, str]], room: int) -> list[dict[str, str]]:
-    """The prompt in at most `room` tokens (BOS included), cropped from the left: whole earliest
-    turns first, so that it still starts with a user turn (a leading system message is kept while
-    there are turns to drop), then the system message, then tokens from the start of the final
-    user turn's content; that content is empty when even its markup leaves no room."""
-    if len(chat.encode(prompt)) <= room:
-        return prompt
-    system = prompt[:1] if prompt[0]["role"] == "system" else []
-    turns = prompt[len(system):]
-    while len(turns) > 1:
-        turns = turns[1:]
-        while len(turns) > 1 and turns[0]["role"] != "user":
-            turns = turns[1:]
-        if len(chat.encode(system + turns)) <= room:
-            return system + turns
-    last = turns[-1]
-    keep = room - len(chat.encode([{**last, "content": ""}]))
-    content = last["content"]
-    while True:
-        offsets = chat.text_tokenizer.encode(content, add_special_tokens=False).offsets if content else []
-        if len(offsets) <= max(keep, 0):
-            return [{**last, "content": content}]
-        # Cut before the first token kept; the cut text may tokenize a little differently: measure again.
-        content = content[max(offsets[len(offsets) - keep][0], 1):] if keep > 0 else ""
 
 
 def encode_pair(chat: ChatFormat, prompt: list[dict[str, str]], chosen: str, rejected: str,

@@ -100,10 +100,13 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def parallelize(model: torch.nn.Module, parallelism: Parallelism, run: Distributed) -> torch.nn.Module:
-    """The model on this rank's device, replicated or sharded over the ranks."""
+def parallelize(model: torch.nn.Module, parallelism: Parallelism, run: Distributed,
+                shard_alone: bool = False) -> torch.nn.Module:
+    """The model on this rank's device, replicated or sharded over the ranks. One process is left
+    as it is, unless `shard_alone` (FSDP2 at world size 1 in a 1-rank process group the caller
+    made: bench/gpu.py runs the sharded path on a single GPU)."""
     model = model.to(run.device)
-    if run.world == 1:
+    if run.world == 1 and not (shard_alone and parallelism == "fsdp"):
         return model
     if parallelism == "ddp":
         from torch.nn.parallel import DistributedDataParallel

@@ -14,8 +14,13 @@ any of them gzip'd (`.jsonl.gz`, read as it streams).
 Each conversation is rendered with the tokenizer's chat template (model/chat_format.py), the
 loss mask covering what the assistant says; a stable hash of the prompt holds out
 `holdout_fraction` of them. Short conversations are packed into rows of `seq_len + 1` tokens,
-each led by BOS as documents are in pretraining, the mask carried along; a conversation longer
-than a row is cut to it. The rows go to `data/{train,val}.parquet` in the artifact, and the
+each led by BOS as documents are in pretraining, the mask carried along. A conversation longer
+than a row is cropped from the left as DPO crops a prompt (`fit_conversation`, `crop_prompt` in
+model/chat_format.py), so that its final assistant turn, the answer learned from, survives whole;
+one whose final answer does not fit even after the least of a prompt is skipped. The manifest
+accounts for every entry read: `entries_read` = the conversations used + `skipped_malformed` +
+`skipped_too_long`, with `conversations_cropped` (among those used) beside them. The rows go to
+`data/{train,val}.parquet` in the artifact, and the
 shared training loop (model/train.py) starts from the pretrained weights with `SFTObjective`:
 cross-entropy on the assistant's tokens only (model/objectives.py). Checkpoints and resume work
 as in pretraining. Reading the data files: model/instruction_data.py.
@@ -36,7 +41,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from model.chat_format import ChatFormat, ChatTokens, check_messages
+from model.chat_format import ChatFormat, ChatTokens, check_messages, crop_prompt
 from model.checkpoint import load_checkpoint
 from model.instruction_data import (BadEntry, alpaca_prompt, describe_data, hh_transcript, read_rows, split_holdout,
                                     string_field, write_rows)
@@ -75,21 +80,33 @@ def sft_conversation(entry: Any) -> list[dict[str, str]]:
     return [*alpaca_prompt(entry), {"role": "assistant", "content": output}]
 
 
-def pack_conversations(encoded: list[ChatTokens], row_len: int, pad_id: int,
-                       window: int = 64) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """Conversations (each led by BOS) packed into rows of row_len: (tokens, mask) [rows, row_len].
+def fit_conversation(chat: ChatFormat, messages: list[dict[str, str]],
+                     row_len: int) -> tuple[ChatTokens | None, bool]:
+    """The conversation's ids and loss mask in at most row_len tokens, and whether it was cropped.
 
-    First fit among the last `window` rows still open; a conversation longer than a row is cut
-    to it, and dropped if nothing trainable is left."""
+    One that fits is encoded whole. A longer one keeps its final assistant turn (the last one
+    with content: the answer learned from) whole, and what came before it cropped from the left
+    (`crop_prompt`): the earliest whole turns, then the start of the final user turn; turns after
+    that answer, which teach nothing, go too. None when even the answer after the least of a
+    prompt (an empty user turn's markup) is longer than a row."""
+    encoded = chat.encode(messages)
+    if len(encoded) <= row_len:
+        return encoded, False
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant" and m["content"])
+    room = row_len - len(chat.encode(messages[:last + 1], start=last))
+    kept = crop_prompt(chat, messages[:last], room)
+    encoded = chat.encode([*kept, messages[last]])
+    return (encoded if len(encoded) <= row_len else None), True
+
+
+def pack_conversations(encoded: list[ChatTokens], row_len: int, pad_id: int,
+                       window: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Conversations (each led by BOS, none longer than row_len) packed into rows of row_len:
+    (tokens, mask) [rows, row_len]. First fit among the last `window` rows still open."""
     rows: list[ChatTokens] = []
-    counts = {"truncated": 0, "dropped_too_long": 0}
     for conversation in encoded:
         if len(conversation) > row_len:
-            counts["truncated"] += 1
-            conversation = ChatTokens(conversation.ids[:row_len], conversation.mask[:row_len])
-            if not any(conversation.mask):
-                counts["dropped_too_long"] += 1
-                continue
+            raise ValueError(f"a conversation of {len(conversation)} tokens does not fit in a row of {row_len}")
         for row in rows[-window:]:
             if len(row) + len(conversation) <= row_len:
                 row.ids += conversation.ids
@@ -102,7 +119,23 @@ def pack_conversations(encoded: list[ChatTokens], row_len: int, pad_id: int,
     for i, row in enumerate(rows):
         tokens[i, :len(row)] = row.ids
         mask[i, :len(row)] = row.mask
-    return tokens, mask, counts
+    return tokens, mask
+
+
+def conversation_rows(chat: ChatFormat, conversations: list[list[dict[str, str]]],
+                      row_len: int) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """The conversations fitted to rows (`fit_conversation`) and packed: (tokens, mask, counts),
+    counts saying how many were used (`cropped` among them) and skipped as too long."""
+    encoded, counts = [], {"used": 0, "cropped": 0, "skipped_too_long": 0}
+    for messages in conversations:
+        tokens, cropped = fit_conversation(chat, messages, row_len)
+        if tokens is None:
+            counts["skipped_too_long"] += 1
+            continue
+        counts["used"] += 1
+        counts["cropped"] += cropped
+        encoded.append(tokens)
+    return (*pack_conversations(encoded, row_len, chat.pad_id), counts)
 
 
 def build_sft(config: SFTConfig, inputs: list[Manifest], store: ArtifactStore, writer: ArtifactWriter) -> dict[str, Any]:
@@ -115,18 +148,22 @@ def build_sft(config: SFTConfig, inputs: list[Manifest], store: ArtifactStore, w
         if not val:
             raise ConfigError(f"sft: nothing held out of {len(conversations)} conversations; raise holdout_fraction")
         chat = ChatFormat.from_dir(tuning.tokenizer_dir)
-        stats: dict[str, Any] = {**tuning.stats(), "conversations": {}, "rows": {}, "trainable_tokens": {},
-                                 "truncated": 0, "dropped_too_long": 0}
+        # Every entry read is a conversation used or skipped by reason:
+        # entries_read = sum(conversations) + skipped_malformed + skipped_too_long.
+        stats: dict[str, Any] = {**tuning.stats(), "entries_read": len(conversations) + len(tuning.bad),
+                                 "conversations": {}, "skipped_malformed": len(tuning.bad), "skipped_too_long": 0,
+                                 "conversations_cropped": 0, "rows": {}, "trainable_tokens": {}}
         for split, items in (("train", train), ("val", val)):
-            tokens, mask, counts = pack_conversations([chat.encode(c) for c, _ in items], seq_len + 1, chat.pad_id)
+            tokens, mask, counts = conversation_rows(chat, [c for c, _ in items], seq_len + 1)
             if len(tokens) == 0:
-                raise InputError(f"sft: no {split} conversation fits in seq_len {seq_len}")
+                raise InputError(f"sft: no {split} conversation of {len(items)} fits in seq_len {seq_len} "
+                                 f"(even its final assistant turn is longer)")
             write_rows(out_dir / "data" / f"{split}.parquet", tokens, mask)
-            stats["conversations"][split] = len(items)
+            stats["conversations"][split] = counts["used"]
+            stats["skipped_too_long"] += counts["skipped_too_long"]
+            stats["conversations_cropped"] += counts["cropped"]
             stats["rows"][split] = len(tokens)
             stats["trainable_tokens"][split] = int(mask[:, 1:].sum())
-            stats["truncated"] += counts["truncated"]
-            stats["dropped_too_long"] += counts["dropped_too_long"]
         baseline = pretrained_response_loss(tuning.model_dir, out_dir, config.train)
         spec = RunSpec(
             stage="sft", out_dir=out_dir, model=tuning.model, train=config.train,
@@ -154,4 +191,4 @@ def pretrained_response_loss(model_dir: Path, out_dir: Path, train: TrainConfig)
     return loss
 
 
-STAGE = Stage("sft", SFTConfig, build_sft, code_version="1", describe_sources=lambda c: describe_data(c.data))
+STAGE = Stage("sft", SFTConfig, build_sft, code_version="2", describe_sources=lambda c: describe_data(c.data))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from model import dpo, objectives
-from model.chat_format import ChatFormat
+from model.chat_format import ChatFormat, crop_prompt
 from model.instruction_data import data_files, read_entries
 from model.run_spec import DPOData, RunSpec, TrainConfig
 from pipelines.tokenizer import ASSISTANT, USER
@@ -222,7 +222,7 @@ def test_a_long_pair_is_cropped_from_the_left_so_that_its_responses_survive(inpu
                 assert sum(tokens.mask) == len(reply(response)) - 1, "and the loss on it alone, past its role token"
             if encoded.prompt_cropped and not encoded.responses_cut:
                 room = max_len - max(len(reply(chosen)), len(reply(rejected)))
-                kept = dpo.crop_prompt(chat, prompt, room)
+                kept = crop_prompt(chat, prompt, room)
                 if len(kept) > 1 or kept[0] == prompt[-1]:
                     assert kept == prompt[-len(kept):] and kept[0]["role"] == "user"
                     modes["whole turns"] += 1

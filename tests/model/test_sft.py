@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -208,8 +209,8 @@ def test_conversations_are_packed_into_rows_with_their_mask(chat):
     conversations = [[{"role": "user", "content": f"Question number {i}?"},
                       {"role": "assistant", "content": "An answer " * (i % 5 + 1)}] for i in range(30)]
     encoded = [chat.encode(c) for c in conversations]
-    tokens, mask, counts = sft.pack_conversations(encoded, 65, chat.pad_id)
-    assert tokens.shape[1] == 65 and counts == {"truncated": 0, "dropped_too_long": 0}
+    tokens, mask = sft.pack_conversations(encoded, 65, chat.pad_id)
+    assert tokens.shape[1] == 65
     assert len(tokens) < len(encoded), "short conversations share rows"
     assert (tokens[:, 0] == chat.bos_id).all(), "every row starts at a conversation"
     assert (tokens == chat.bos_id).sum() == len(encoded), "each conversation kept once, led by BOS"
@@ -220,9 +221,65 @@ def test_conversations_are_packed_into_rows_with_their_mask(chat):
     trained = targets[targets != -100]
     assert trained.numel() == mask.sum() and (trained == chat.end_id).sum() == len(encoded)
 
+    again, _, counts = sft.conversation_rows(chat, conversations, 65)
+    assert counts == {"used": 30, "cropped": 0, "skipped_too_long": 0} and (again == tokens).all(), \
+        "conversations that fit are packed as they are"
     long = chat.encode([{"role": "user", "content": "x " * 80}, {"role": "assistant", "content": "y"}])
-    tokens, mask, counts = sft.pack_conversations([long, encoded[0]], 65, chat.pad_id)
-    assert counts == {"truncated": 1, "dropped_too_long": 1} and len(tokens) == 1
+    with pytest.raises(ValueError, match="does not fit in a row of 65"):
+        sft.pack_conversations([long], 65, chat.pad_id)
+
+
+def test_long_hh_conversations_are_cropped_from_the_left_so_that_the_final_answer_survives(chat, tmp_path):
+    """The real preference set as HH transcripts in rows of 65 tokens: most conversations are longer
+    than a row. Each keeps its final answer whole at its end, what came before cropped from the left;
+    one whose answer alone does not fit is skipped, and counted."""
+    entries = preference_entries()
+    path = write_hh(tmp_path / "hh.jsonl.gz", hh_records(entries), (json.dumps({"chosen": "\n\nHuman: hi"}),))
+    conversations, bad = instruction_data.read_entries([path], sft.sft_conversation, "skip")
+    row_len = 65
+    tokens, mask, counts = sft.conversation_rows(chat, conversations, row_len)
+
+    def answer(conversation) -> tuple[int, ...]:  # <|assistant|>, the final answer's text, <|end|>
+        return tuple(chat.encode(conversation, start=len(conversation) - 1).ids)
+
+    least_prompt = len(chat.encode([{"role": "user", "content": ""}]))  # BOS, <|user|>, <|end|>
+    whole = [len(chat.encode(c)) <= row_len for c in conversations]
+    alone = [len(answer(c)) + least_prompt <= row_len for c in conversations]
+    print(f"SFT rows of {row_len} on {len(conversations)} HH conversations: {counts}")
+    assert len(conversations) + len(bad) == counts["used"] + counts["skipped_too_long"] + len(bad) == 1101
+    assert counts["skipped_too_long"] == alone.count(False) > 0
+    assert counts["cropped"] == sum(a and not w for a, w in zip(alone, whole)) > len(conversations) / 2
+    assert counts["used"] == alone.count(True)
+
+    # The rows' conversations (from one BOS to the next): each starts with a user turn and ends with
+    # the final answer of a conversation used; those that fit, whole as they were.
+    segments, positions = [], []
+    for i, row in enumerate(tokens.tolist()):
+        starts = [j for j, token in enumerate(row) if token == chat.bos_id]
+        assert starts[0] == 0
+        ends = [*starts[1:], len(row) - next(j for j, token in enumerate(reversed(row)) if token != chat.pad_id)]
+        for start, end in zip(starts, ends):
+            segments.append(tuple(row[start:end]))
+            positions.append((i, start, end))
+    assert not mask[tokens == chat.pad_id].any()
+    assistant, user = (chat.tokenizer.token_to_id(ROLE_TOKENS[role]) for role in ("assistant", "user"))
+    used = [c for c, a in zip(conversations, alone) if a]
+    tails = Counter(segment[len(segment) - 1 - segment[::-1].index(assistant):] for segment in segments)
+    assert tails == Counter(answer(c) for c in used), "every row's conversation ends with its final answer, whole"
+    assert all(segment[1] == user and segment[-1] == chat.end_id for segment in segments)
+    assert Counter(tuple(chat.encode(c).ids) for c, w in zip(conversations, whole) if w) <= Counter(segments)
+
+    # The loss mask: every token of an assistant turn (its text and <|end|>), nothing else.
+    roles = {chat.tokenizer.token_to_id(token): role for role, token in ROLE_TOKENS.items()}
+    for (i, start, end), segment in zip(positions, segments):
+        role = None
+        for token, trained in zip(segment, mask[i, start:end].tolist()):
+            if token in roles or token == chat.bos_id:
+                assert not trained
+                role = roles.get(token)
+                continue
+            assert trained == (role == "assistant"), f"a {role} token {'in' if trained else 'out of'} the mask"
+            role = None if token == chat.end_id else role
 
 
 def test_index_loader_resumes_at_the_next_batch_and_ranks_are_disjoint():
@@ -310,7 +367,9 @@ def test_sft_on_hh_chosen_transcripts_learns_the_assistant_turns_only(inputs, ch
                         checkpoint_every=8, log_every=4)
     manifest = sft.STAGE.run(sft.SFTConfig(data=str(path), seq_len=256, train=train), [pretrained, tok], target)
     stats = manifest.stats
-    assert stats["bad_lines"] == 0 and sum(stats["conversations"].values()) == len(entries)
+    assert stats["bad_lines"] == 0 and stats["entries_read"] == len(entries)
+    assert stats["entries_read"] == sum(stats["conversations"].values()) + stats["skipped_too_long"]
+    assert stats["skipped_malformed"] == 0 and stats["conversations_cropped"] > 0
     assert stats["val_response_loss"] < 0.9 * stats["pretrained_val_response_loss"]
 
     # Walk the rows written for training by their role tokens: the mask is true on every token
@@ -334,9 +393,11 @@ def test_sft_on_hh_chosen_transcripts_learns_the_assistant_turns_only(inputs, ch
                     role, turn = None, []
                 else:
                     turn.append(token)
-    assert set(said["assistant"]) <= answers and set(said["user"]) <= questions
-    turns = sum(i % 3 + 1 for i in range(len(entries)))  # a conversation cut to its row loses at most 3
-    assert turns >= len(said["assistant"]) >= turns - 3 * stats["truncated"] > 0.95 * turns, \
+    assert set(said["assistant"]) <= answers, "assistant turns whole"
+    assert all(any(q.endswith(u.strip()) for q in questions) for u in set(said["user"]) - questions), \
+        "user turns whole, or (a cropped conversation's) cut at their start"
+    turns = sum(i % 3 + 1 for i in range(len(entries)))  # a cropped conversation loses at most 2 earlier ones
+    assert turns >= len(said["assistant"]) >= turns - 2 * stats["conversations_cropped"] > 0.95 * turns, \
         "every assistant turn is learned from, the earlier ones as well as the last"
 
 
