@@ -20,7 +20,7 @@ from typing import TextIO
 
 from tokenizers import Tokenizer
 
-from model.chat_format import BOS, END, PAD, ChatFormat
+from model.chat_format import BOS, END, PAD, ROLE_TOKENS, ChatFormat
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.generate import SamplingConfig, generate_tokens
 from model.model import KVCache, Transformer
@@ -40,7 +40,7 @@ class Loaded:
 
     def encode_document_start(self, text: str) -> list[int]:
         """A prompt as the start of a document: BOS, then the text (as in pretraining)."""
-        return [self.token_id("<|bos|>"), *self.tokenizer.encode(text, add_special_tokens=False).ids]
+        return [self.token_id(BOS), *self.tokenizer.encode(text, add_special_tokens=False).ids]
 
 
 def load_for_generation(directory: Path, device: str = "cpu") -> Loaded:
@@ -53,7 +53,7 @@ def load_for_generation(directory: Path, device: str = "cpu") -> Loaded:
 
 
 def stream_text(loaded: Loaded, prompt_ids: list[int], sampling: SamplingConfig,
-                stop_tokens: tuple[str, ...] = ("<|bos|>",), cache: KVCache | None = None,
+                stop_tokens: tuple[str, ...] = (BOS,), cache: KVCache | None = None,
                 generated: list[int] | None = None) -> Iterator[str]:
     """Generate after prompt_ids, yielding text pieces as they settle; the token ids go to
     `generated` when given."""
@@ -76,11 +76,11 @@ def stream_text(loaded: Loaded, prompt_ids: list[int], sampling: SamplingConfig,
 
 
 # A reply ends at <|end|>; a model that starts another turn or document instead ends it too.
-STOP_TOKENS = (END, BOS, PAD, "<|system|>", "<|user|>", "<|assistant|>")
+STOP_TOKENS = (END, BOS, PAD, *ROLE_TOKENS.values())
 
 
 def sample_document(loaded: Loaded, prompt: str, max_new_tokens: int, seed: int = 0,
-                    stop_tokens: tuple[str, ...] = ("<|bos|>",)) -> str:
+                    stop_tokens: tuple[str, ...] = (BOS,)) -> str:
     """`prompt` continued as the start of a document, sampled with the default temperature,
     top-k and top-p and a fixed seed: the sample a stage records with its results."""
     stop = {loaded.token_id(t) for t in stop_tokens}

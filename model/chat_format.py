@@ -32,8 +32,12 @@ from tokenizers import Tokenizer
 
 from storage import InputError
 
+# The special tokens as the model side knows them: the tokenizer stage (pipelines/tokenizer.py,
+# which model/ may not import) defines the vocabulary; tests/model/test_chat_format.py checks
+# that the two agree.
 BOS, PAD, END = "<|bos|>", "<|pad|>", "<|end|>"
 ROLES = ("system", "user", "assistant")
+ROLE_TOKENS = {role: f"<|{role}|>" for role in ROLES}
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 _PLACEHOLDER = "\x00kiln-content\x00"

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import pyarrow as pa
 from pydantic import Field
@@ -58,7 +58,8 @@ class DPOConfig(TuningConfig):
     reference: Literal["model", "precomputed"] = Field(
         "precomputed", description="model: a frozen copy of the starting model in memory; precomputed: its "
                                    "log-probabilities computed once before training.")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(**TUNING_STEPS, lr=1e-4, warmup_steps=10))
+    train_defaults: ClassVar[dict[str, Any]] = {**TUNING_STEPS, "lr": 1e-4, "warmup_steps": 10}
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(**DPOConfig.train_defaults))
 
 
 def preference_pair(entry: Any) -> tuple[list[dict[str, str]], str, str]:
@@ -137,8 +138,7 @@ def skip_reason(encoded: EncodedPair | None, chosen: str, rejected: str) -> str 
 
 def build_dpo(config: DPOConfig, inputs: list[Manifest], store: ArtifactStore, writer: ArtifactWriter) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kiln-dpo-") as scratch_dir:
-        tuning = prepare_tuning("dpo", config, inputs, store, writer, Path(scratch_dir), preference_pair,
-                                ("sft", "dpo", "pretrain"))
+        tuning = prepare_tuning("dpo", config, inputs, store, writer, Path(scratch_dir), preference_pair)
         pairs, out_dir, seq_len = tuning.entries, tuning.out_dir, tuning.model.seq_len
         train, val = split_holdout(pairs, [p[0] for p in pairs], config.holdout_fraction)
         if not val:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from model.chat_format import BOS
 from model.model import IGNORE_INDEX
 from storage import ArtifactStore, ArtifactWriter, InputError, Manifest, Stage, StageConfig
 
@@ -198,7 +199,7 @@ def build_evaluate(config: EvaluateConfig, inputs: list[Manifest], store: Artifa
     # a quantized model is a chat model when the model it was made from is one
     made_by = meta.get("quantization", {}).get("source", trained.stage).split("/")[0]
     tokenizer = Tokenizer.from_file(str(store.local_path(tokenizer_manifest, "tokenizer.json")))
-    bos_id = tokenizer.token_to_id("<|bos|>")
+    bos_id = tokenizer.token_to_id(BOS)
     loader = TokenShardLoader(store, pack, split="val", batch_size=config.batch_size, seed=0, shuffle=False)
     results: dict[str, Any] = heldout_metrics(model, itertools.islice(loader, config.eval_batches),
                                               token_byte_lengths(tokenizer), "cpu")
@@ -212,7 +213,7 @@ def build_evaluate(config: EvaluateConfig, inputs: list[Manifest], store: Artifa
 
     results["sample"] = sample_document(Loaded(model, tokenizer, artifact_checkpoint(store, trained)),
                                         config.sample_prompt, config.sample_tokens,
-                                        stop_tokens=("<|bos|>", *STOP_TOKENS) if chat_model else ("<|bos|>",))
+                                        stop_tokens=(BOS, *STOP_TOKENS) if chat_model else (BOS,))
     if config.chat_prompt and chat_model:
         results["chat_sample"] = {"user": config.chat_prompt,
                                   "assistant": chat_reply(model, artifact_checkpoint(store, trained), config)}

@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from model.chat_format import END
 from model.checkpoint import load_checkpoint
 from model.export import llama_state_dict
 from storage import InputError
@@ -104,8 +105,8 @@ def _tokenizer_metadata(writer, checkpoint: Path) -> None:
                      ("pad_token", writer.add_pad_token_id)):
         if config.get(key) in added:
             add(added[config[key]])
-    if "<|end|>" in added:  # a chat turn ends here: llama.cpp stops generating at end-of-generation tokens
-        writer.add_eot_token_id(added["<|end|>"])
+    if END in added:  # a chat turn ends here: llama.cpp stops generating at end-of-generation tokens
+        writer.add_eot_token_id(added[END])
     # every training document starts with BOS, so a prompt must too: llama.cpp adds it (even for a
     # checkpoint whose tokenizer predates `add_bos_token`)
     writer.add_add_bos_token("bos_token" in config)

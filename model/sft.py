@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -52,7 +52,8 @@ from storage import ArtifactStore, ArtifactWriter, ConfigError, InputError, Mani
 
 
 class SFTConfig(TuningConfig):
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(**TUNING_STEPS, lr=3e-4, warmup_steps=20))
+    train_defaults: ClassVar[dict[str, Any]] = {**TUNING_STEPS, "lr": 3e-4, "warmup_steps": 20}
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(**SFTConfig.train_defaults))
 
 
 def sft_conversation(entry: Any) -> list[dict[str, str]]:
@@ -140,8 +141,7 @@ def conversation_rows(chat: ChatFormat, conversations: list[list[dict[str, str]]
 
 def build_sft(config: SFTConfig, inputs: list[Manifest], store: ArtifactStore, writer: ArtifactWriter) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kiln-sft-") as scratch_dir:
-        tuning = prepare_tuning("sft", config, inputs, store, writer, Path(scratch_dir), sft_conversation,
-                                ("pretrain", "sft", "dpo"))
+        tuning = prepare_tuning("sft", config, inputs, store, writer, Path(scratch_dir), sft_conversation)
         conversations, out_dir, seq_len = tuning.entries, tuning.out_dir, tuning.model.seq_len
         prompts = [c[:max(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in conversations]
         train, val = split_holdout(list(zip(conversations, prompts)), prompts, config.holdout_fraction)

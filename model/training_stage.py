@@ -13,9 +13,9 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from model.checkpoint import check_holds_model, read_config
 from model.instruction_data import load_data
@@ -30,7 +30,13 @@ TUNING_STEPS = dict(batch_size=16, max_steps=200, eval_every=50, eval_batches=20
 
 
 class TuningConfig(StageConfig):
-    """The settings SFT and DPO share: their data, its hold-out, the row length and the launch."""
+    """The settings SFT and DPO share: their data, its hold-out, the row length and the launch.
+
+    Each stage's `train_defaults` is its schedule, the one place it is written: a `train` section
+    that names some settings (`--set sft.train.max_steps=50`, a preset's YAML) keeps the stage's
+    defaults for the rest, not TrainConfig's pretraining ones."""
+
+    train_defaults: ClassVar[dict[str, Any]] = {}
 
     data: str | None = Field(None, description="Local data: a .json (list) or .jsonl file, or a directory of them. "
                                                "None: built from the Python standard library's documentation "
@@ -44,11 +50,20 @@ class TuningConfig(StageConfig):
                                                         "starting model's.")
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _train_over_the_stage_s_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("train", {}), dict):
+            return {**data, "train": {**cls.train_defaults, **data.get("train", {})}}
+        return data
 
-def check_model_inputs(stage: str, inputs: list[Manifest], model_stages: tuple[str, ...]) -> tuple[Manifest, Manifest]:
+
+def check_model_inputs(stage: str, inputs: list[Manifest]) -> tuple[Manifest, Manifest]:
+    """(model, tokenizer): a model is any artifact that holds one (which stages make them is the
+    stage table's to say), checked by `check_holds_model`."""
     names = [m.stage for m in inputs]
-    if len(inputs) != 2 or names[0] not in model_stages or names[1] != "tokenizer":
-        raise InputError(f"{stage}: needs a {' or '.join(model_stages)} artifact and a tokenizer artifact, got {names}")
+    if len(inputs) != 2 or names[1] != "tokenizer":
+        raise InputError(f"{stage}: needs a model artifact and a tokenizer artifact, got {names}")
     trained, tokenizer = inputs
     check_holds_model(trained)
     return trained, tokenizer
@@ -73,9 +88,8 @@ class Tuning:
 
 
 def prepare_tuning(kind: Literal["sft", "dpo"], config: TuningConfig, inputs: list[Manifest], store: ArtifactStore,
-                   writer: ArtifactWriter, scratch: Path, parse: Callable[[Any], Any],
-                   model_stages: tuple[str, ...]) -> Tuning:
-    start, tokenizer = check_model_inputs(kind, inputs, model_stages)
+                   writer: ArtifactWriter, scratch: Path, parse: Callable[[Any], Any]) -> Tuning:
+    start, tokenizer = check_model_inputs(kind, inputs)
     model_dir = store.local_dir(start, "model", scratch)
     out_dir = output_dir(store, writer, scratch)
     entries, bad, source = load_data(config, kind, out_dir, parse)

@@ -148,3 +148,15 @@ def test_a_template_without_bos_gets_one_and_ours_gets_no_second_one(chat):
     assert tokens.ids == [chat.bos_id, *chat.tokenizer.encode(rendered, add_special_tokens=False).ids]
     assert tokens.ids == chat.encode(messages, add_generation_prompt=True).ids
     assert tokens.mask == chat.encode(messages, add_generation_prompt=True).mask
+
+
+def test_the_model_side_names_the_tokenizer_s_special_tokens():
+    """pipelines/tokenizer.py makes the vocabulary, model/chat_format.py names its special tokens
+    for the model side (which may not import pipelines/): they must be the same strings."""
+    from model import chat_format
+    from pipelines import tokenizer
+
+    assert (chat_format.BOS, chat_format.PAD, chat_format.END) == (tokenizer.BOS, tokenizer.PAD, tokenizer.END_OF_TURN)
+    assert list(chat_format.ROLE_TOKENS.values()) == [tokenizer.SYSTEM, tokenizer.USER, tokenizer.ASSISTANT]
+    assert set(tokenizer.SPECIAL_TOKENS) == {chat_format.BOS, chat_format.PAD, chat_format.END,
+                                             *chat_format.ROLE_TOKENS.values()}

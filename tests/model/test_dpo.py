@@ -361,5 +361,5 @@ def test_dpo_on_hh_rlhf_data_learns_the_preference_and_accounts_for_every_entry(
 
 def test_dpo_needs_a_model_and_a_tokenizer(inputs):
     store, trained, tok = inputs
-    with pytest.raises(InputError, match=r"dpo: needs a sft or dpo or pretrain artifact and a tokenizer"):
+    with pytest.raises(InputError, match=r"dpo: needs a model artifact and a tokenizer"):
         dpo.STAGE.run(config(), [tok], store)

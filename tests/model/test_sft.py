@@ -403,8 +403,10 @@ def test_sft_on_hh_chosen_transcripts_learns_the_assistant_turns_only(inputs, ch
 
 def test_bad_inputs_are_clear_errors(inputs, tmp_path):
     store, pretrained, tok = inputs
-    with pytest.raises(InputError, match=r"needs a pretrain or sft or dpo artifact and a tokenizer artifact"):
+    with pytest.raises(InputError, match=r"needs a model artifact and a tokenizer artifact"):
         sft.STAGE.run(config(), [tok, pretrained], store)
+    with pytest.raises(InputError, match=r"not a trained model artifact \(no model/model.safetensors\)"):
+        sft.STAGE.run(config(), [tok, tok], store)
     with pytest.raises(InputError, match="no such file or directory"):
         sft.STAGE.run(sft.SFTConfig(data=str(tmp_path / "missing.jsonl")), [pretrained, tok], store)
     bad = write_lines(tmp_path / "bad.jsonl", MALFORMED[1:3])
@@ -412,3 +414,18 @@ def test_bad_inputs_are_clear_errors(inputs, tmp_path):
         sft.STAGE.run(sft.SFTConfig(data=str(bad), on_bad_line="error"), [pretrained, tok], store)
     with pytest.raises(InputError, match=r"no usable entries \(2 malformed\)"):
         sft.STAGE.run(sft.SFTConfig(data=str(bad)), [pretrained, tok], store)
+
+
+def test_a_partial_train_section_keeps_the_stage_s_schedule():
+    """`--set sft.train.max_steps=50` (or a preset naming a few settings) once reset the rest of
+    the schedule to pretraining's defaults (lr 1e-3, warmup 50): the stage's own stay."""
+    from model.dpo import DPOConfig
+    from model.run_spec import TrainConfig
+
+    for stage in (sft.SFTConfig, DPOConfig):
+        given = stage.model_validate({"train": {"max_steps": 50}})
+        assert given.train.max_steps == 50
+        assert {k: getattr(given.train, k) for k in stage.train_defaults if k != "max_steps"} == \
+            {k: v for k, v in stage.train_defaults.items() if k != "max_steps"}
+        assert stage().train == TrainConfig(**stage.train_defaults)
+    assert sft.SFTConfig.train_defaults["lr"] != TrainConfig().lr, "the point: not pretraining's rate"
