@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11+):
 #   make run    create .venv, install Kiln, run the pipeline on the bundled offline default
 #   make test   create .venv, install Kiln and its test tools, run the test suite
+#   make lint   ruff and mypy (configured in pyproject.toml); .ci/run runs it before the tests
 VENV ?= .venv
 PYTHON ?= python3
 PIP = $(VENV)/bin/python -m pip
@@ -17,7 +18,7 @@ $(LLAMA_STAMP): $(STAMP)
 	$(PIP) install -q -e '.[dev,llama]' -c constraints.txt
 	touch $(LLAMA_STAMP)
 
-.PHONY: install run test bench
+.PHONY: install run test lint bench
 install: $(STAMP)
 
 run: $(STAMP)
@@ -25,6 +26,10 @@ run: $(STAMP)
 
 test: $(LLAMA_STAMP)
 	$(VENV)/bin/python -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	for b in bench/*.py; do case $$b in *_metric.py|*/_*) ;; *) $(VENV)/bin/python $$b || exit 1;; esac; done

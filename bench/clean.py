@@ -50,9 +50,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench._results import result_path, write_result  # noqa: E402
-
 import extraction  # noqa: E402 - bench/extraction.py: the same pages, CPU pinning and quiet logs
+
+from bench._results import result_path, write_result  # noqa: E402
 
 AEB = extraction.AEB
 DEFAULT_OUT = ROOT / "bench" / "results" / "clean.json"

@@ -209,7 +209,7 @@ def run_rounds(pages: Pages, repeats: int) -> tuple[Timings, dict[str, dict], Ti
     kept: dict[str, int] = {}
     for _ in range(repeats):
         for name, fn in functions.items():
-            run = lambda: {k: fn(html, url) for k, (html, url) in pages.items()}  # noqa: E731
+            run = lambda fn=fn: {k: fn(html, url) for k, (html, url) in pages.items()}  # noqa: E731
             if name == "trafilatura (datatrove block args)":
                 run = fresh_trafilatura_dedup(run)
             seconds, predictions[name] = timed(run, cpu_clock)

@@ -677,7 +677,8 @@ def part_fsdp(ctx: Context, out: dict) -> None:
               f"the next step's loss differs after the round trip: {next_loss} vs {next_restored}")
         out["round_trip_equal"] = True
         out["summary"] = (f"{backend}, world 1, sharded; {out['tokens_per_s']:,.0f} tok/s; checkpoint saved in "
-                          f"{out['save_s']} s, loaded in {out['load_s']} s: weights, optimizer, loader and next loss equal")
+                          f"{out['save_s']} s, loaded in {out['load_s']} s: "
+                          "weights, optimizer, loader and next loss equal")
     finally:
         dist.destroy_process_group()
         free_memory(ctx)
@@ -777,7 +778,8 @@ def part_decode(ctx: Context, out: dict) -> None:
     check(out["fp32"]["distinct_tokens"] > 1, "greedy decoding repeats one token: the comparison says little")
     out["summary"] = "; ".join(
         f"{d} {out[d]['kiln_tokens_per_s']:,.0f} vs {out[d]['hf_tokens_per_s']:,.0f} tok/s ({out[d]['ratio']:.2f}x), "
-        + ("identical" if out[d]["identical"] else f"differs at {out[d]['first_difference']}") for d in ("fp32", "bf16"))
+        + ("identical" if out[d]["identical"] else f"differs at {out[d]['first_difference']}")
+        for d in ("fp32", "bf16"))
 
 
 def probe_cuda_kernels(ctx: Context, out: dict) -> None:
@@ -816,7 +818,8 @@ def probe_cuda_kernels(ctx: Context, out: dict) -> None:
         "int4: aten._weight_int4pack_mm": ("aten::_weight_int4pack_mm", lambda: _int4_kernel(x, ints, q4), q4),
     }
     for name, (op, make, weight) in candidates.items():
-        row: dict[str, Any] = {"op": op, "cuda_kernel_registered": torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")}
+        registered = torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
+        row: dict[str, Any] = {"op": op, "cuda_kernel_registered": registered}
         try:
             fn = make()  # the int4 kernel's packing may refuse this GPU already
             got, expected = fn().float(), x.float() @ weight.dequantize().t()
@@ -883,9 +886,9 @@ def part_quant(ctx: Context, out: dict) -> None:
             "torch's CUDA weight-only kernels need a GPU; the CPU's packed kernels ran instead"
     for method in ("int8", "int4-rtn"):
         check(bool(out[method]["kernels"]), f"{method}: no quantized layer in the loaded model")
-    out["summary"] = "; ".join(
-        f"{m} {out[m]['tokens_per_s']:,.0f} tok/s" + (f" ({', '.join(f'{c} {k}' for k, c in out[m]['kernels'].items())})"
-                                                       if m != "fp32" else "") for m in ("fp32", "int8", "int4-rtn"))
+    kernels = {m: f" ({', '.join(f'{c} {k}' for k, c in out[m]['kernels'].items())})" for m in ("int8", "int4-rtn")}
+    out["summary"] = "; ".join(f"{m} {out[m]['tokens_per_s']:,.0f} tok/s{kernels.get(m, '')}"
+                               for m in ("fp32", "int8", "int4-rtn"))
     if ctx.cuda:
         out["summary"] += f"; CUDA kernels that run and agree: {', '.join(out['cuda_kernels_usable']) or 'none'}"
 
@@ -897,7 +900,8 @@ def part_correctness(ctx: Context, out: dict) -> None:
     free_memory(ctx)
     train = train_config(ctx, batch_size=s.check_batch, grad_accum=1, max_steps=s.check_steps)
     runs = {"bf16 " + ctx.device.type: kiln_run(ctx, "check-bf16", s.check, train),
-            "fp32 cpu": kiln_run(ctx, "check-fp32", s.check, train.model_copy(update={"precision": "fp32"}), on_cpu=True)}
+            "fp32 cpu": kiln_run(ctx, "check-fp32", s.check, train.model_copy(update={"precision": "fp32"}),
+                                 on_cpu=True)}
     if not ctx.cuda:
         out.setdefault("skipped_checks", {})["bf16 on the GPU"] = "no GPU: bf16 autocast on the CPU stands in for it"
     losses = {}
@@ -907,7 +911,8 @@ def part_correctness(ctx: Context, out: dict) -> None:
     (low_name, low), (ref_name, ref) = losses.items()
     gaps = [abs(a - b) / abs(b) for a, b in zip(low, ref)]
     worst = max(range(len(gaps)), key=gaps.__getitem__)
-    out.update(steps=s.check_steps, shape=s.check.to_dict(), max_relative_gap=round(gaps[worst], 5), worst_step=worst + 1,
+    out.update(steps=s.check_steps, shape=s.check.to_dict(), max_relative_gap=round(gaps[worst], 5),
+               worst_step=worst + 1,
                losses={name: [round(x, 4) for x in values] for name, values in losses.items()})
     check(runs[low_name].dist.device.type == ctx.device.type and runs[ref_name].dist.device.type == "cpu",
           "the runs are not on the devices they were meant for")
@@ -1025,7 +1030,8 @@ def device_meta(device: torch.device) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="every part on the CPU, tiny shapes (what the suite runs)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="every part on the CPU, tiny shapes (what the suite runs)")
     parser.add_argument("--out", type=Path, default=None,
                         help="the JSON (default bench/results/gpu.json, or gpu-dry-run.json for a dry run)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"a comma-separated subset of {', '.join(PARTS)}")

@@ -31,7 +31,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench._results import result_path, write_result  # noqa: E402
-
 from storage import TEMP_MARK, ArtifactStore  # noqa: E402
 
 STAGES = ("sample-crawl", "ingest", "clean", "dedup", "tokenizer", "pack")
@@ -57,7 +56,8 @@ def leftovers(data: Path) -> list[str]:
 
 def building(data: Path) -> list[str]:
     """The stages whose staging directory a killed run left."""
-    return sorted({p.parent.name for p in data.glob("*/.staging-*")}, key=lambda s: STAGES.index(s) if s in STAGES else 99)
+    stages = {p.parent.name for p in data.glob("*/.staging-*")}
+    return sorted(stages, key=lambda s: STAGES.index(s) if s in STAGES else 99)
 
 
 def wait_for_stage(data: Path, stage: str, process: subprocess.Popen, deadline: float) -> bool:

@@ -39,14 +39,13 @@ from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._results import result_path, write_result  # noqa: E402
-
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import tokenizers  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
+from bench._results import result_path, write_result  # noqa: E402
 from pipelines.common import shard_name  # noqa: E402
 from pipelines.pack import STAGE, PackConfig  # noqa: E402
 from pipelines.tokenizer import new_tokenizer, new_trainer  # noqa: E402

@@ -43,7 +43,8 @@ def timed(command: list[str], env: dict) -> tuple[float, str]:
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command[:4])} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+        raise SystemExit(f"{' '.join(command[:4])} failed ({done.returncode}):\n"
+                         f"{done.stdout[-2000:]}{done.stderr[-3000:]}")
     return seconds, done.stdout + done.stderr
 
 

@@ -34,7 +34,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench._results import result_path, write_result  # noqa: E402
-
 from bench.debian_docs import write_warcs  # noqa: E402
 
 STAGES = ("ingest", "clean", "dedup")
@@ -139,7 +138,8 @@ def main() -> None:
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
     print(f"time per document at {args.factors[-1]}x: {results['time_per_doc_ratio']}x that at {args.factors[0]}x "
           f"(goal <= 1.2); peak memory of the largest process at {args.factors[-1]}x: "
-          f"{results.get('peak_rss_ratio')}x that at {args.factors[-2] if len(args.factors) > 1 else '-'}x (goal <= 1.2); "
+          f"{results.get('peak_rss_ratio')}x that at "
+          f"{args.factors[-2] if len(args.factors) > 1 else '-'}x (goal <= 1.2); "
           f"ray on one node: {results['ray_throughput_ratio']}x local's throughput (goal >= 0.9)")
     write_result(args.out, results)
 

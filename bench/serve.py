@@ -110,7 +110,7 @@ def start_server(model_dir: Path, log_path: Path, max_batch: int):
             return server, client, log
         except openai.APIConnectionError:
             if server.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"the server did not start:\n{log_path.read_text()[-3000:]}")
+                raise SystemExit(f"the server did not start:\n{log_path.read_text()[-3000:]}") from None
             time.sleep(0.3)
 
 

@@ -48,13 +48,12 @@ from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._results import result_path, write_result  # noqa: E402
-
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
+from bench._results import result_path, write_result  # noqa: E402
 from flows.config import load_config  # noqa: E402
 from model import pretrain  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
@@ -211,15 +210,18 @@ def main(argv: list[str] | None = None) -> int:
         stats = trained.stats
         result = {
             "benchmark": "tiny preset from scratch on Tiny Shakespeare vs nanoGPT's CPU recipe",
-            "command": "python bench/shakespeare.py" + ("" if args.minutes == PRESET_MINUTES else f" --minutes {args.minutes:g}"),
+            "command": "python bench/shakespeare.py"
+                       + ("" if args.minutes == PRESET_MINUTES else f" --minutes {args.minutes:g}"),
             "data": {"file": str(TEXT.relative_to(SHARED.parents[1])), "characters": len(text),
                      "train_characters": len(train_text), "val_characters": len(val_text),
                      "val_rule": "last 10% of the file, data[int(n*0.9):], as nanoGPT",
                      "documents": everything.stats["documents_out"], "doc_chars": DOC_CHARS},
-            "preset": {"config": args.config, "tokenizer": config.tokenizer.model_dump(exclude={"workers", "batch_size"}),
+            "preset": {"config": args.config,
+                       "tokenizer": config.tokenizer.model_dump(exclude={"workers", "batch_size"}),
                        "pack": config.pack.model_dump(exclude={"workers", "encode_batch_size"}),
                        "pretrain": {"model": pretrain_config.model.model_dump(), "train": train.model_dump()}},
-            "tokenizer": {"vocab_size": tok.stats.get("vocab_size"), "bytes_per_token": tok.stats.get("bytes_per_token")},
+            "tokenizer": {"vocab_size": tok.stats.get("vocab_size"),
+                          "bytes_per_token": tok.stats.get("bytes_per_token")},
             "pack": {k: packed.stats[k] for k in ("seq_len", "policy", "rows_per_split", "tokens", "padding_fraction")},
             "training": {
                 "steps": stats["steps"],
@@ -227,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                 "loop_seconds": clock.seconds,
                 "tokens_per_s": stats.get("tokens_per_s"),
                 "tokens_seen": stats["steps"] * train.batch_size * train.grad_accum * packed.stats["seq_len"],
-                "epochs": round(stats["steps"] * train.batch_size * train.grad_accum / packed.stats["rows_per_split"]["train"], 2),
+                "epochs": round(stats["steps"] * train.batch_size * train.grad_accum
+                                / packed.stats["rows_per_split"]["train"], 2),
                 "final_train_loss": round(stats["final_train_loss"], 4),
                 "data_prep_seconds": round(prep_seconds, 1),
                 "torch_threads": torch.get_num_threads(),
@@ -245,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                 "val_bytes_scored": final["val_bytes_scored"],
                 "final_eval_seconds": final["eval_seconds"],
             },
-            "peer": {"recipe": NANOGPT_RECIPE, "val_loss_nats_per_char": NANOGPT_VAL_LOSS, "val_bpb": round(NANOGPT_BPB, 4)},
+            "peer": {"recipe": NANOGPT_RECIPE, "val_loss_nats_per_char": NANOGPT_VAL_LOSS,
+                     "val_bpb": round(NANOGPT_BPB, 4)},
         }
         result["verdict"] = {
             "beats_nanogpt": final["val_bpb"] < NANOGPT_BPB,
@@ -255,10 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     write_result(out, result)
     r, t = result["result"], result["training"]
-    print(f"\nTiny Shakespeare, whole validation split ({r['val_bytes_scored']:,} bytes, {r['val_tokens_scored']:,} tokens):")
+    print(f"\nTiny Shakespeare, whole validation split "
+          f"({r['val_bytes_scored']:,} bytes, {r['val_tokens_scored']:,} tokens):")
     print(f"  kiln tiny:  {r['val_bpb']:.3f} bits/byte  ({r['val_loss_per_token']:.3f} nats/token, "
           f"{r['val_nats_per_byte']:.3f} nats/char)  after {t['steps']} steps, {t['stage_seconds']:.0f} s "
-          f"(loop {t['loop_seconds']} s, load average {t['load_average_before'][0]:.1f} -> {t['load_average_after'][0]:.1f})")
+          f"(loop {t['loop_seconds']} s, "
+          f"load average {t['load_average_before'][0]:.1f} -> {t['load_average_after'][0]:.1f})")
     print(f"  nanoGPT:    {NANOGPT_BPB:.3f} bits/byte  ({NANOGPT_VAL_LOSS} nats/char, ~3 minutes on CPU)")
     print(f"  -> {'beats' if result['verdict']['beats_nanogpt'] else 'does NOT beat'} nanoGPT by "
           f"{result['verdict']['bpb_margin']:+.3f} bits/byte; written to {out}")

@@ -40,12 +40,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._results import result_path, write_result  # noqa: E402
-
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from bench._results import result_path, write_result  # noqa: E402
 from model.checkpoint import save_checkpoint  # noqa: E402
 from model.export import export_llama, llama_config, llama_state_dict  # noqa: E402
 from model.generate import SamplingConfig, generate_tokens  # noqa: E402
@@ -171,9 +170,7 @@ def bench_training(shape: str, args) -> dict:
                                adamw(hf_parameter_groups(twin, hf_compiled, train.weight_decay), train), hf_loss)
     last_loss = {}
 
-    def steps(name):
-        model, optimizer, loss_fn = runs[name]
-
+    def steps(name, model, optimizer, loss_fn):
         def run():
             for _ in range(args.steps):
                 last_loss[name] = train_step(model, optimizer, loss_fn, x, y)
@@ -182,7 +179,7 @@ def bench_training(shape: str, args) -> dict:
     for model, optimizer, loss_fn in runs.values():  # warm-up: optimizer state, oneDNN primitives, compiling
         for _ in range(args.warmup):
             train_step(model, optimizer, loss_fn, x, y)
-    rates = alternate({name: steps(name) for name in runs}, args.rounds, args.steps * x.numel())
+    rates = alternate({name: steps(name, *run) for name, run in runs.items()}, args.rounds, args.steps * x.numel())
     result = summarize(rates)
     if args.compile:
         compiled = summarize({k: rates[k] for k in ("ours_compiled", "hf_compiled")}, baseline="hf_compiled")

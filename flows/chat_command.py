@@ -7,7 +7,7 @@ The loop itself is `model.chat.run_chat`; this is the command line around it.
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,11 +18,11 @@ def chat(
     model: ModelArg = None,
     data_dir: DataDirOpt = None,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
-    top_k: Annotated[Optional[int], typer.Option(help="Sample among the k likeliest tokens.")] = 50,
-    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling: the smallest set with this mass.")] = 0.95,
+    top_k: Annotated[int | None, typer.Option(help="Sample among the k likeliest tokens.")] = 50,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling: the smallest set with this mass.")] = 0.95,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per reply.")] = 256,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
-    system: Annotated[Optional[str], typer.Option(help="A system message to start the conversation with.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    system: Annotated[str | None, typer.Option(help="A system message to start the conversation with.")] = None,
 ) -> None:
     """Chat with a trained model: streamed replies, history kept in the KV cache; /reset, /exit."""
     from model.chat import load_for_generation, run_chat

@@ -11,7 +11,7 @@ import os
 import sys
 import typing
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from pydantic import ValidationError
@@ -28,18 +28,19 @@ app = typer.Typer(
 # Summaries stay readable when the output is a log file or a pipe (rich would use 80 columns).
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML run config (default: configs/tiny.yaml).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: section.key=value (repeatable).")]
-InputOpt = Annotated[Optional[list[str]], typer.Option("--input", help="Crawl input: WARC path, glob or URL (repeatable). None: the offline sample crawl.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML run config (default: configs/tiny.yaml).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a setting: section.key=value (repeatable).")]
+InputOpt = Annotated[list[str] | None, typer.Option(
+    "--input", help="Crawl input: WARC path, glob or URL (repeatable). None: the offline sample crawl.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rebuild this command's stages even when cached.")]
-ExecutorOpt = Annotated[Optional[str], typer.Option(
+ExecutorOpt = Annotated[str | None, typer.Option(
     "--executor", help="Where the data stages run their units: local (a process pool, the default) or ray.")]
-RayAddressOpt = Annotated[Optional[str], typer.Option(
+RayAddressOpt = Annotated[str | None, typer.Option(
     "--ray-address", help="The Ray cluster for --executor ray (default: $RAY_ADDRESS, else a local Ray).")]
 
-HarnessOpt = Annotated[Optional[str], typer.Option(
+HarnessOpt = Annotated[str | None, typer.Option(
     "--harness", help="lm-evaluation-harness tasks, comma-separated (hellaswag,arc_easy,...; online unless local).")]
-IncludePathOpt = Annotated[Optional[str], typer.Option(
+IncludePathOpt = Annotated[str | None, typer.Option(
     "--include-path", help="A directory of local lm_eval task YAMLs (for --harness).")]
 
 UI_URL = "http://127.0.0.1:4200"
@@ -92,9 +93,9 @@ def _stage_command(command: str, until: str, help_text: str, whole_chain: bool):
         # typer reads the signature; its annotations resolved here (this module's are strings)
         hints = typing.get_type_hints(run, include_extras=True)
         signature = inspect.signature(run)
-        run.__signature__ = signature.replace(parameters=[p.replace(annotation=hints[name]) for name, p
-                                                          in signature.parameters.items()
-                                                          if name not in ("harness", "include_path")])
+        kept = [p.replace(annotation=hints[name]) for name, p in signature.parameters.items()
+                if name not in ("harness", "include_path")]
+        run.__signature__ = signature.replace(parameters=kept)  # type: ignore[attr-defined] # inspect reads it
     return run
 
 
@@ -156,7 +157,7 @@ def server(
 def serve(
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
-    refresh_input: Annotated[Optional[list[str]], typer.Option(
+    refresh_input: Annotated[list[str] | None, typer.Option(
         "--refresh-input", help="Crawl files the scheduled refresh looks at (glob, directory, listing).")] = None,
     cron: Annotated[str, typer.Option(help="When the corpus refresh runs (cron, server time zone).")] = "0 3 * * *",
 ) -> None:
@@ -170,8 +171,8 @@ def serve(
             raise KilnError(f"no Prefect server at {UI_URL}: start one with `kiln server` (or set PREFECT_API_URL)")
         os.environ.setdefault("PREFECT_API_URL", f"{ui}/api")  # the runner's flow-run processes use it too
         console.print(f"serving Kiln deployments; trigger them from {ui}/deployments")
-        serve_deployments(str(Path(data_dir or default_root()).resolve()) if "://" not in (data_dir or "") else data_dir,
-                          str(config or "tiny"), list(refresh_input or []), cron)
+        root = data_dir if data_dir and "://" in data_dir else str(Path(data_dir or default_root()).resolve())
+        serve_deployments(root, str(config or "tiny"), list(refresh_input or []), cron)
 
 
 @app.command()
@@ -180,9 +181,9 @@ def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "",
     max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 200,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.8,
-    top_k: Annotated[Optional[int], typer.Option(help="Sample among the k likeliest tokens.")] = 50,
-    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling: the smallest set with this mass.")] = 0.95,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sample among the k likeliest tokens.")] = 50,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling: the smallest set with this mass.")] = 0.95,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Continue a prompt with a trained model, streaming tokens as they come (KV cache)."""
@@ -210,9 +211,10 @@ _register_chat()
 @app.command("export")
 def export_model(
     model: ModelArg = None,
-    output: Annotated[Optional[Path], typer.Option(
+    output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="hf: a directory (default ./export); gguf: a .gguf file or a directory for it.")] = None,
-    format_: Annotated[str, typer.Option("--format", help="hf (a Hugging Face Llama directory) or gguf (llama.cpp).")] = "hf",
+    format_: Annotated[str, typer.Option(
+        "--format", help="hf (a Hugging Face Llama directory) or gguf (llama.cpp).")] = "hf",
     gguf_type: Annotated[str, typer.Option("--type", help="gguf: f32, f16, q8_0 or q4_0 (norms stay f32).")] = "f16",
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace an earlier Kiln export at --output (never anything Kiln did not write).")] = False,
@@ -230,11 +232,11 @@ def export_model(
         export_llama(source, output, overwrite=overwrite)
         console.print(f"exported {source} -> {output} (AutoModelForCausalLM.from_pretrained({str(output)!r}))")
     else:
-        from model.export_gguf import export_gguf
+        from model.export_gguf import GGUFType, export_gguf
 
         if output.suffix != ".gguf":
             output = output / f"{source.parent.name if source.name == 'model' else source.name}-{gguf_type}.gguf"
-        export_gguf(source, output, gguf_type, overwrite=overwrite)
+        export_gguf(source, output, typing.cast(GGUFType, gguf_type), overwrite=overwrite)  # it checks the type
         console.print(f"exported {source} -> {output} ({output.stat().st_size / 2**20:.1f} MiB; "
                       f"llama.cpp: llama-cli -m {output})")
 
@@ -242,10 +244,12 @@ def export_model(
 @app.command("serve-model")
 def serve_model(
     model: ModelArg = None,
-    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every one; then use --api-key).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(
+        help="Interface to listen on (0.0.0.0: every one; then use --api-key).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0: any free one, printed).")] = 8000,
-    name: Annotated[Optional[str], typer.Option(help="The model's id in the API (default: kiln-<stage>-<fp[:8]>).")] = None,
-    api_key: Annotated[Optional[str], typer.Option(
+    name: Annotated[str | None, typer.Option(
+        help="The model's id in the API (default: kiln-<stage>-<fp[:8]>).")] = None,
+    api_key: Annotated[str | None, typer.Option(
         envvar="KILN_API_KEY", show_envvar=True,
         help="Require `Authorization: Bearer KEY` on every /v1 route (401 otherwise).")] = None,
     max_batch: Annotated[int, typer.Option(
@@ -304,7 +308,8 @@ def _artifact_in(store: ArtifactStore, artifact: str) -> str:
 
 
 @app.command("ls")
-def list_artifacts(data_dir: DataDirOpt = None, stage: Annotated[Optional[str], typer.Option(help="Only this stage.")] = None) -> None:
+def list_artifacts(data_dir: DataDirOpt = None,
+                   stage: Annotated[str | None, typer.Option(help="Only this stage.")] = None) -> None:
     """List the committed artifacts in the store."""
     from flows.terminal_tables import print_artifacts
 
@@ -315,7 +320,7 @@ def list_artifacts(data_dir: DataDirOpt = None, stage: Annotated[Optional[str], 
 
 @app.command()
 def verify(data_dir: DataDirOpt = None,
-           stage: Annotated[Optional[str], typer.Option(help="Only this stage.")] = None) -> None:
+           stage: Annotated[str | None, typer.Option(help="Only this stage.")] = None) -> None:
     """Hash every file of the committed artifacts against their manifests (damage below the file
     system, which a rerun's stat check cannot see)."""
     store = ArtifactStore(data_dir or default_root())
@@ -331,7 +336,8 @@ def verify(data_dir: DataDirOpt = None,
     if damaged:
         raise KilnError(f"{len(damaged)} damaged file(s), first {damaged[0]}; rerun the command that built "
                         "them: a damaged artifact is rebuilt")
-    console.print(f"{len(manifests)} artifacts, {sum(len(m.files) for m in manifests)} files: all match their manifests")
+    files = sum(len(m.files) for m in manifests)
+    console.print(f"{len(manifests)} artifacts, {files} files: all match their manifests")
 
 
 class _WithoutUserErrorTracebacks(logging.Formatter):
@@ -389,7 +395,8 @@ def _quiet_prefect_tracebacks() -> None:
     loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)] + [logging.root]
     for logger in loggers:
         for handler in getattr(logger, "handlers", []):
-            if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _WithoutUserErrorTracebacks):
+            if (isinstance(handler, PrefectConsoleHandler)
+                    and not isinstance(handler.formatter, _WithoutUserErrorTracebacks)):
                 handler.setFormatter(_WithoutUserErrorTracebacks(handler.formatter))
                 handler.addFilter(_UserErrorsOnce())
 

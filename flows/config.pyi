@@ -4,7 +4,7 @@
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from model.dpo import DPOConfig
 from model.evaluate import EvaluateConfig
@@ -24,18 +24,19 @@ DEFAULT_CONFIG: Path
 class KilnConfig(BaseModel):
     """Every stage's settings. Sections left out of a YAML file keep their defaults."""
 
-    name: str
-    sample_crawl: SampleCrawlConfig
-    ingest: IngestConfig
-    clean: CleanConfig
-    dedup: DedupConfig
-    tokenizer: TokenizerConfig
-    pack: PackConfig
-    pretrain: PretrainConfig
-    sft: SFTConfig
-    dpo: DPOConfig
-    quantize: QuantizeConfig
-    evaluate: EvaluateConfig
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("custom", description="A label for this config, shown in summaries.")
+    sample_crawl: SampleCrawlConfig = Field(default_factory=SampleCrawlConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    pack: PackConfig = Field(default_factory=PackConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]: ...
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> KilnConfig: ...

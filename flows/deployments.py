@@ -39,8 +39,9 @@ def _stage_flow(entry: StageEntry):
     run.__name__ = run.__qualname__ = name
     run.__doc__ = f"Rebuild the {entry.name} stage with these settings; upstream stages come from the cache."
     params = inspect.signature(run).parameters
-    run.__signature__ = inspect.Signature([
-        inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=config_cls(), annotation=config_cls),
+    run.__signature__ = inspect.Signature([  # type: ignore[attr-defined] # what inspect.signature reads
+        inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=config_cls(),
+                          annotation=config_cls),
         *(p.replace(annotation={"base_config": str, "crawl": list[str] | None, "data_dir": str}[p.name])
           for p in list(params.values())[1:]),
     ])
@@ -96,7 +97,7 @@ def corpus_refresh(crawl: list[str], base_config: str = "tiny", data_dir: str = 
 def build_deployments(data_dir: str, base_config: str, refresh_crawl: list[str], cron: str) -> list:
     """The pipeline, one deployment per stage, and the scheduled refresh, ready for `serve`."""
     config = load_config(base_config)
-    common = {"entrypoint_type": EntrypointType.MODULE_PATH}
+    common: dict[str, Any] = {"entrypoint_type": EntrypointType.MODULE_PATH}
     deployments = [pipeline_flow.to_deployment(
         "kiln-pipeline", parameters={"config": config.model_dump(mode="json"), "data_dir": data_dir},
         description="The whole pipeline, crawl to evaluated model.", tags=["kiln"], **common)]

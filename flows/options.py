@@ -7,16 +7,16 @@ apart and neither module imports the other.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from flows.stages import TABLE, model_stages
 from storage import ArtifactStore, KilnError
 
-DataDirOpt = Annotated[Optional[str], typer.Option(
+DataDirOpt = Annotated[str | None, typer.Option(
     "--data-dir", help="Artifact store: a directory or fsspec URL (default ./data or $KILN_DATA).")]
-ModelArg = Annotated[Optional[str], typer.Argument(
+ModelArg = Annotated[str | None, typer.Argument(
     help=f"A checkpoint directory, or a fingerprint of a {'/'.join(e.name for e in TABLE if e.makes_model)} "
          "artifact (default: the newest trained one).")]
 

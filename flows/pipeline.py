@@ -19,7 +19,7 @@ from storage import ArtifactStore, Manifest, default_root
 
 @flow(name="pipeline", persist_result=False)
 def pipeline_flow(
-    config: KilnConfig = KilnConfig(),
+    config: KilnConfig = KilnConfig(),  # noqa: B008 - Prefect reads the default into the flow's parameter schema
     data_dir: str = default_root(),
     until: str = TABLE[-1].name,
     force: list[str] = [],  # noqa: B006 - Prefect parameters must be JSON; never mutated

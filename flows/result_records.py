@@ -37,8 +37,8 @@ def check_record(content: bytes, where: str) -> bytes:
     except (ValueError, KeyError, TypeError):
         return _refuse(where, "not a JSON result record")
     if serializer != SERIALIZER.model_dump(mode="json"):
-        return _refuse(where, f"it names the serializer {serializer.get('type') if isinstance(serializer, dict) else serializer!r} "
-                              "(or other decoding hooks)")
+        named = serializer.get("type") if isinstance(serializer, dict) else serializer
+        return _refuse(where, f"it names the serializer {named!r} (or other decoding hooks)")
     try:
         value = json.loads(result) if isinstance(result, str) else result
     except ValueError:

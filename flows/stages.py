@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 if TYPE_CHECKING:
     from storage import ArtifactStore, Manifest, Stage
@@ -75,20 +75,32 @@ class StageEntry:
 
 
 TABLE: tuple[StageEntry, ...] = (
-    StageEntry("sample-crawl", "pipelines.sample_crawl", (), "The offline sample crawl (Python's documentation as WARC).",
+    StageEntry("sample-crawl", "pipelines.sample_crawl", (),
+               "The offline sample crawl (Python's documentation as WARC).",
                command=False, skip_if=lambda config: bool(config.ingest.inputs)),
-    StageEntry("ingest", "pipelines.ingest", ("sample-crawl",), "Read WARC files into Parquet document shards."),
-    StageEntry("clean", "pipelines.clean", ("ingest",), "Extract main text and apply the quality filters (runs ingest first if needed)."),
-    StageEntry("dedup", "pipelines.dedup", ("clean",), "Exact and MinHash near-duplicate removal (runs ingest and clean first if needed).",
+    StageEntry("ingest", "pipelines.ingest", ("sample-crawl",),
+               "Read WARC files into Parquet document shards."),
+    StageEntry("clean", "pipelines.clean", ("ingest",),
+               "Extract main text and apply the quality filters (runs ingest first if needed)."),
+    StageEntry("dedup", "pipelines.dedup", ("clean",),
+               "Exact and MinHash near-duplicate removal (runs ingest and clean first if needed).",
                extra_inputs="earlier_corpus"),
-    StageEntry("tokenizer", "pipelines.tokenizer", ("dedup",), "Train the byte-level BPE tokenizer on the deduplicated corpus."),
-    StageEntry("pack", "pipelines.pack", ("dedup", "tokenizer"), "Tokenize and pack the corpus into Parquet token shards (train/ and val/)."),
-    StageEntry("pretrain", "model.pretrain", ("pack", "tokenizer"), "Pretrain the transformer under accelerate on the token shards.", makes_model=True),
-    StageEntry("sft", "model.sft", ("pretrain", "tokenizer"), "Supervised fine-tuning on instruction data (offline default: Q&A from the stdlib docs).", makes_model=True),
-    StageEntry("dpo", "model.dpo", ("sft", "tokenizer"), "Preference tuning (DPO or IPO) of the SFT model.", makes_model=True),
-    StageEntry("quantize", "model.quantize", ("dpo", "pack", "tokenizer"), "Quantize a trained model's weights: int8, or int4 by round-to-nearest or AWQ.",
+    StageEntry("tokenizer", "pipelines.tokenizer", ("dedup",),
+               "Train the byte-level BPE tokenizer on the deduplicated corpus."),
+    StageEntry("pack", "pipelines.pack", ("dedup", "tokenizer"),
+               "Tokenize and pack the corpus into Parquet token shards (train/ and val/)."),
+    StageEntry("pretrain", "model.pretrain", ("pack", "tokenizer"),
+               "Pretrain the transformer under accelerate on the token shards.", makes_model=True),
+    StageEntry("sft", "model.sft", ("pretrain", "tokenizer"),
+               "Supervised fine-tuning on instruction data (offline default: Q&A from the stdlib docs).",
+               makes_model=True),
+    StageEntry("dpo", "model.dpo", ("sft", "tokenizer"),
+               "Preference tuning (DPO or IPO) of the SFT model.", makes_model=True),
+    StageEntry("quantize", "model.quantize", ("dpo", "pack", "tokenizer"),
+               "Quantize a trained model's weights: int8, or int4 by round-to-nearest or AWQ.",
                model_input=True, makes_model=True),
-    StageEntry("evaluate", "model.evaluate", ("dpo", "pack", "tokenizer"), "Held-out loss, perplexity, bits per byte and multiple-choice accuracy.", model_input=True),
+    StageEntry("evaluate", "model.evaluate", ("dpo", "pack", "tokenizer"),
+               "Held-out loss, perplexity, bits per byte and multiple-choice accuracy.", model_input=True),
 )
 STAGES: dict[str, StageEntry] = {entry.name: entry for entry in TABLE}
 
@@ -124,7 +136,7 @@ def check_table(with_modules: bool = False) -> None:
     stage and checks the models its `model` setting may name."""
     for position, entry in enumerate(TABLE):
         earlier = {e.name for e in TABLE[:position]}
-        choices = (entry.stage.config_cls.model_fields["model"].annotation.__args__
+        choices = (get_args(entry.stage.config_cls.model_fields["model"].annotation)
                    if entry.model_input and with_modules else ())
         missing = [name for name in (*entry.inputs, *choices) if name not in earlier]
         assert not missing, f"stage {entry.name} reads {missing}, which do not come before it in the table"

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,8 @@ from prefect import task
 from prefect.cache_policies import CachePolicy
 from prefect.tasks import exponential_backoff
 
-from flows.ui_artifacts import publish
 from flows.result_records import SERIALIZER, safe_to_read
+from flows.ui_artifacts import publish
 from storage import PERMANENT_OS_ERRORS, ArtifactStore, KilnError, Manifest, Stage, StageConfig, StorageError
 
 RETRIES = 3
@@ -81,7 +81,8 @@ def should_retry(task, task_run, state) -> bool:
     retry_jitter_factor=0.5,
     retry_condition_fn=should_retry,
 )
-def stage_task(stage_name: str, config: StageConfig, inputs: list[Manifest], data_dir: str, force: bool = False) -> dict:
+def stage_task(stage_name: str, config: StageConfig, inputs: list[Manifest], data_dir: str,
+               force: bool = False) -> dict:
     """Build (or find) the stage's artifact; `config` is the stage's own pydantic config."""
     started = time.perf_counter()
     with device_slots(stage_name, config):
@@ -148,7 +149,7 @@ def release_lapsed_leases(client) -> None:
         expirations = json.loads(index.read_text())
     except (OSError, ValueError):
         return
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for lease_id, expires in expirations.items():
         if datetime.fromisoformat(expires) < now:
             with contextlib.suppress(Exception):  # revoked meanwhile by the server or another run

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import threading
 import types
+from typing import Any
 
 from storage.stage import KilnError
 
@@ -38,19 +39,20 @@ def start_tied_server() -> None:
     its own, as before."""
     from prefect.server.api import server as server_module
 
-    base = server_module.SubprocessASGIServer
-    if threading.current_thread() is not threading.main_thread() or None in base._instances:
+    if (threading.current_thread() is not threading.main_thread()
+            or None in server_module.SubprocessASGIServer._instances):
         return
 
-    class TiedServer(base):
+    class TiedServer(server_module.SubprocessASGIServer):
         def _run_uvicorn_command(self) -> subprocess.Popen:
             parent = os.getpid()
 
-            def popen(*args, **kwargs) -> subprocess.Popen:
-                return subprocess.Popen(*args, preexec_fn=lambda: _die_with_parent(parent), **kwargs)
+            def popen(**kwargs: Any) -> subprocess.Popen:  # Prefect passes every argument by keyword
+                return subprocess.Popen(**kwargs, preexec_fn=lambda: _die_with_parent(parent))
 
             # Prefect's method builds the command line; only its module's Popen is swapped, for this call
-            server_module.subprocess = types.SimpleNamespace(**{**vars(subprocess), "Popen": popen})
+            server_module.subprocess = types.SimpleNamespace(  # type: ignore[assignment] # a stand-in module
+                **{**vars(subprocess), "Popen": popen})
             try:
                 return super()._run_uvicorn_command()
             finally:
@@ -59,7 +61,10 @@ def start_tied_server() -> None:
     # Prefect's 20 s default is too short on a busy 2-core machine (measured: a traceback there)
     timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or STARTUP_TIMEOUT_S)
     try:
-        TiedServer().start(timeout=timeout)  # registered under port None, the key Prefect's own code asks for
+        # registered under port None, the key Prefect's own code asks for; `timeout` is compared with
+        # elapsed seconds, so a float is what it means (its annotation says int)
+        TiedServer().start(timeout=timeout)  # type: ignore[arg-type]
     except RuntimeError as err:
         raise KilnError(f"Prefect's temporary server did not answer in {timeout:.0f} s ({str(err)[:200]}); "
-                        "start one with `kiln server`, or raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") from None
+                        "start one with `kiln server`, "
+                        "or raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") from None

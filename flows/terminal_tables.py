@@ -29,6 +29,7 @@ def stage_rows(runs: dict[str, dict]) -> list[dict[str, Any]]:
     for name, run in runs.items():
         stats = run["manifest"]["stats"]
         built_seconds = stats.get("seconds")
+        docs_in = stats.get("documents_in")
         rows.append({
             "stage": name,
             "status": "cached" if run["cached"] else "built",
@@ -36,7 +37,7 @@ def stage_rows(runs: dict[str, dict]) -> list[dict[str, Any]]:
             "out": stats.get("documents_out"),
             "dropped": sum(dropped(stats).values()),
             "seconds": run["seconds"],
-            "docs_per_s": round(docs_in / built_seconds) if (docs_in := stats.get("documents_in")) and built_seconds else None,
+            "docs_per_s": round(docs_in / built_seconds) if docs_in and built_seconds else None,
             "fingerprint": run["manifest"]["fingerprint"],
         })
     return rows
@@ -55,14 +56,17 @@ def headline(stage: str, stats: dict[str, Any]) -> str:
         "pack": [f"{stats['tokens'].get('train', 0):,} train / {stats['tokens'].get('val', 0):,} val tokens"
                  if isinstance(stats.get("tokens"), dict) else None,
                  get("padding_fraction", "{:.1%} padding"), get("tokens_cropped_fraction", "{:.1%} cropped")],
-        "pretrain": [get("steps", "{} steps"), get("val_bpb", "val {:.3f} bits/byte"), get("tokens_per_s", "{:,.0f} tok/s")],
+        "pretrain": [get("steps", "{} steps"), get("val_bpb", "val {:.3f} bits/byte"),
+                     get("tokens_per_s", "{:,.0f} tok/s")],
         "sft": [get("steps", "{} steps"),
-                f"held-out response loss {stats['pretrained_val_response_loss']:.2f} -> {stats['val_response_loss']:.2f}"
+                "held-out response loss "
+                f"{stats['pretrained_val_response_loss']:.2f} -> {stats['val_response_loss']:.2f}"
                 if "val_response_loss" in stats and "pretrained_val_response_loss" in stats else None],
         "dpo": [get("steps", "{} steps"), get("val_reward_accuracy", "held-out reward accuracy {:.2f}"),
                 get("val_reward_margin", "margin {:.2f}")],
         "quantize": [get("method"), get("group_size", "group {}"), get("size_ratio", "{:.2f}x the weights' bytes"),
-                     f"AWQ mean alpha {stats['awq']['mean_alpha']:.2f}" if isinstance(stats.get("awq"), dict) else None],
+                     f"AWQ mean alpha {stats['awq']['mean_alpha']:.2f}"
+                     if isinstance(stats.get("awq"), dict) else None],
         "evaluate": [get("val_bpb", "val {:.3f} bits/byte"), get("val_ppl", "ppl {:.1f}"),
                      f"multiple choice {stats['mc_acc']:.2f} (chance {stats['mc_chance']:.2f})"
                      if "mc_acc" in stats and "mc_chance" in stats else None],
@@ -72,9 +76,9 @@ def headline(stage: str, stats: dict[str, Any]) -> str:
 
 def print_summary(console: Console, runs: dict[str, dict], store: ArtifactStore) -> None:
     table = Table(title="kiln: stages", title_justify="left")
-    for column in ("stage", "status", "docs in", "docs out", "dropped", "time", "docs/s", "figures", "artifact"):
-        table.add_column(column, justify="right" if column in ("docs in", "docs out", "dropped", "time", "docs/s") else "left",
-                         no_wrap=column != "figures")
+    numeric = ("docs in", "docs out", "dropped", "time", "docs/s")
+    for column in ("stage", "status", *numeric, "figures", "artifact"):
+        table.add_column(column, justify="right" if column in numeric else "left", no_wrap=column != "figures")
     for row in stage_rows(runs):
         table.add_row(
             row["stage"], row["status"], _count(row["in"]), _count(row["out"]), _count(row["dropped"] or None),

@@ -34,7 +34,8 @@ def loss_chart(curve: list[list[float]]) -> str:
     losses = [loss for _, loss in curve]
     low, high = min(losses), max(losses)
     span = (high - low) or 1.0
-    columns = [losses[min(len(losses) - 1, i * len(losses) // CHART_WIDTH)] for i in range(min(CHART_WIDTH, len(losses)))]
+    width = min(CHART_WIDTH, len(losses))
+    columns = [losses[min(len(losses) - 1, i * len(losses) // CHART_WIDTH)] for i in range(width)]
     grid = [[" "] * len(columns) for _ in range(CHART_HEIGHT)]
     for x, loss in enumerate(columns):
         y = round((high - loss) / span * (CHART_HEIGHT - 1))

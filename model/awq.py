@@ -16,9 +16,10 @@ does worse than RTN.
     up        -> down          (into up_proj's rows: silu(gate) * (up / s) = (silu(gate) * up) / s)
 
 Optionally (`clip`, off by default), as the reference implementation (llm-awq's auto_clip) does
-after scaling, each weight group's range is then clipped: per group of `group_size` weights of an output row, the clipping
-|w| <= r max|w| with r on a grid from 1 down to 0.5 that minimises that group's share of the
-layer's output error on the calibration activations (r = 1 is no clipping, so never worse).
+after scaling, each weight group's range is then clipped: per group of `group_size` weights of an
+output row, the clipping |w| <= r max|w| with r on a grid from 1 down to 0.5 that minimises that
+group's share of the layer's output error on the calibration activations (r = 1 is no clipping,
+so never worse).
 Rounding a narrower range is finer for the many small weights, at the cost of the few outliers.
 q and k are not clipped (their errors pass through the softmax; the reference skips them too).
 Measured on the `kiln run` model (bench/quantize.py): scaling alone takes RTN's perplexity
@@ -33,12 +34,14 @@ blocks before it, as in the reference implementation; weights are then quantized
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
-import torch.nn as nn
+from torch import nn
 
-from model.model import Block, Transformer
+from model.model import Block, RMSNorm, Transformer
 from model.quantization import fake_quantize_int4, group_size_for
 
 
@@ -50,7 +53,7 @@ class ScaleGroup:
 
     name: str
     linears: list[nn.Linear]
-    fold_into: nn.Module      # an RMSNorm (its weight) or a Linear (its output rows)
+    fold_into: RMSNorm | nn.Linear  # an RMSNorm (its weight) or a Linear (its output rows)
     inspect: nn.Module        # called on the group's input, in the shape the block gives it
 
 
@@ -64,7 +67,7 @@ def scale_groups(block: Block) -> list[ScaleGroup]:
     return groups
 
 
-def _inputs_of(block: Block, x: torch.Tensor, cos, sin, modules: list[nn.Module]) -> dict[nn.Module, torch.Tensor]:
+def _inputs_of(block: Block, x: torch.Tensor, cos, sin, modules: Sequence[nn.Module]) -> dict[nn.Module, torch.Tensor]:
     """The input each module receives when the block runs on x, in its own shape."""
     seen: dict[nn.Module, torch.Tensor] = {}
 
@@ -80,7 +83,8 @@ def _inputs_of(block: Block, x: torch.Tensor, cos, sin, modules: list[nn.Module]
     return seen
 
 
-def search_scale(group: ScaleGroup, x: torch.Tensor, run, group_size: int, grid: int) -> tuple[torch.Tensor, float, float]:
+def search_scale(group: ScaleGroup, x: torch.Tensor, run, group_size: int,
+                 grid: int) -> tuple[torch.Tensor, float, float]:
     """The input-channel scale s minimising the error of the inspected module's output when the
     group's weights are Q(W diag(s)) diag(s)^-1 (the same as scaling them and dividing the input);
     returns s, the chosen alpha and the error relative to round-to-nearest (<= 1). `run(x)` is
@@ -164,7 +168,7 @@ def awq_scale(model: Transformer, calibration: torch.Tensor, group_size: int, gr
     x = model.embed(calibration)
     cos, sin = model._rope(0, calibration.size(1), calibration.device)
     chosen: dict[str, dict[str, float]] = {}
-    for index, block in enumerate(model.blocks):
+    for index, block in enumerate(cast("Iterable[Block]", model.blocks)):  # a ModuleList of Blocks
         for group in scale_groups(block):
             inputs = _inputs_of(block, x, cos, sin, [group.inspect])[group.inspect]
             if group.inspect is block.attn:

@@ -13,7 +13,7 @@ again from the start.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -138,7 +138,7 @@ class ChatSession:
         self.cache.crop(0)
         return ids
 
-    def reply(self, text: str) -> Iterator[str]:
+    def reply(self, text: str) -> Generator[str, None, None]:
         """Send a user message; yields the reply's text as it is generated."""
         message = {"role": "user", "content": text}
         prompt = self._prompt(message)

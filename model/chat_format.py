@@ -102,8 +102,9 @@ class ChatFormat:
         # A second instance that reads special-token strings as text: for message content.
         self.text_tokenizer = Tokenizer.from_str(tokenizer.to_str())
         self.text_tokenizer.encode_special_tokens = True
-        ids = {token: tokenizer.token_to_id(token) for token in (BOS, PAD, END)}
-        missing = [token for token, i in ids.items() if i is None]
+        found = {token: tokenizer.token_to_id(token) for token in (BOS, PAD, END)}
+        ids = {token: i for token, i in found.items() if i is not None}
+        missing = [token for token in found if token not in ids]
         if missing:
             raise InputError(f"{where}: the tokenizer has no {', '.join(missing)} token")
         self.bos_id, self.pad_id, self.end_id = ids[BOS], ids[PAD], ids[END]

@@ -17,6 +17,7 @@ import random
 import re
 import shutil
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -97,7 +98,8 @@ def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> tupl
         model.load_state_dict(state, strict=not config.tie_embeddings)
     except RuntimeError as err:
         first = str(err).strip().splitlines()
-        raise CheckpointError(f"{weights}: does not fit its config ({first[1].strip() if len(first) > 1 else first[0]})") from None
+        reason = first[1].strip() if len(first) > 1 else first[0]
+        raise CheckpointError(f"{weights}: does not fit its config ({reason})") from None
     missing = set(model.state_dict()) - set(state) - ({"head.weight"} if config.tie_embeddings else set())
     if missing:
         raise CheckpointError(f"{weights}: missing tensors {sorted(missing)[:3]}")
@@ -136,7 +138,8 @@ def model_inputs(stage: str, model_stage: str, inputs: list) -> tuple:
     """(trained model, pack, tokenizer) manifests of a stage that reads a trained model with its
     data (quantize, evaluate), checked."""
     if [m.stage for m in inputs] != [model_stage, "pack", "tokenizer"]:
-        raise InputError(f"{stage}: needs a {model_stage}, a pack and a tokenizer artifact, got {[m.stage for m in inputs]}")
+        raise InputError(f"{stage}: needs a {model_stage}, a pack and a tokenizer artifact, "
+                         f"got {[m.stage for m in inputs]}")
     return tuple(inputs)
 
 
@@ -169,7 +172,9 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = state
     version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = np.random.get_state(legacy=True)  # the default; numpy's stub types a bare call as legacy=False
+    assert isinstance(numpy_state, tuple), "the legacy state: (kind, keys, pos, has_gauss, cached)"
+    kind, keys, pos, has_gauss, cached = numpy_state
     return tensors, {"python": [version, list(internal), gauss],
                      "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
 
@@ -185,7 +190,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def _tensors_of(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def _tensors_of(model: Transformer, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """The model's and the optimizer's state as one flat dict of tensors (DTensor shards under
     FSDP2) for torch.distributed.checkpoint, and the optimizer's other values, JSON-able."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -193,9 +198,11 @@ def _tensors_of(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tup
     model_state, optimizer_state = get_state_dict(model, optimizer)  # creates Adam's moments if not there yet
     if model.config.tie_embeddings:
         model_state.pop("head.weight", None)  # the embedding's own tensor: stored once
-    tensors = {f"model.{name}": tensor for name, tensor in model_state.items()}
+    # torch types the values as any state a module may hold; a model's are tensors, an optimizer's
+    # per-parameter state a dict per parameter
+    tensors = {f"model.{name}": cast(torch.Tensor, tensor) for name, tensor in model_state.items()}
     scalars = {}
-    for fqn, values in optimizer_state["state"].items():
+    for fqn, values in cast("dict[str, dict[str, Any]]", optimizer_state["state"]).items():
         for key, value in values.items():
             if torch.is_tensor(value):
                 tensors[f"optim.{fqn}.{key}"] = value
@@ -204,7 +211,7 @@ def _tensors_of(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tup
     return tensors, {"param_groups": optimizer_state["param_groups"], "scalars": scalars}
 
 
-def save_training_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save_training_checkpoint(out_dir: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
                              run, loaders: list, keep: int) -> Path:
     """`checkpoints/step-NNNNNNNN/`: every rank writes its shard of the model and optimizer state
     (torch.distributed.checkpoint, as safetensors: no pickle) and its RNG state; rank 0 adds
@@ -240,7 +247,7 @@ def save_training_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, o
     return target
 
 
-def load_training_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def load_training_checkpoint(checkpoint: Path, model: Transformer, optimizer: torch.optim.Optimizer,
                              run) -> dict:
     """Restore the model's and the optimizer's state (each rank reads its shard) and this rank's
     RNG; returns {step, loader} for this rank. All ranks call this."""
@@ -254,8 +261,8 @@ def load_training_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer
                               f"(this run has {run.world})")
     tensors, _ = _tensors_of(model, optimizer)
     load(tensors, storage_reader=HuggingFaceStorageReader(str(checkpoint / SHARDS)))
-    model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    optimizer_state: dict[str, dict] = {}
+    model_state: dict[str, Any] = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    optimizer_state: dict[str, Any] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
             fqn, key = name.removeprefix("optim.").rsplit(".", 1)
@@ -275,7 +282,8 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     the other ranks). All ranks call this."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return cast("dict[str, torch.Tensor]", state)  # a model's state: tensors (torch types any module state)
 
 
 def rewrite_lines(path: Path, lines: list[str]) -> None:

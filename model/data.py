@@ -29,7 +29,6 @@ from model.model import IGNORE_INDEX
 from storage import ArtifactStore, Manifest
 
 
-
 class TokenShardLoader:
     def __init__(self, store: ArtifactStore, pack: Manifest, split: str = "train", batch_size: int = 8,
                  seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True, window: int = 8):
@@ -141,7 +140,7 @@ class IndexLoader:
         self.count, self.batch_size, self.seed = count, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.taken = 0
-        self._epoch: tuple[int, np.ndarray | None] = (-1, None)
+        self._epoch: tuple[int, np.ndarray] = (-1, np.zeros(0, dtype=np.int64))  # (epoch, its order)
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._epoch[0] != epoch:

@@ -45,8 +45,15 @@ import pyarrow as pa
 from pydantic import Field
 
 from model.chat_format import ChatFormat, ChatTokens, check_messages, crop_prompt
-from model.instruction_data import (BadEntry, alpaca_prompt, describe_data, hh_pair, split_holdout, string_field,
-                                    write_table)
+from model.instruction_data import (
+    BadEntry,
+    alpaca_prompt,
+    describe_data,
+    hh_pair,
+    split_holdout,
+    string_field,
+    write_table,
+)
 from model.run_spec import DPOData, RunSpec, TrainConfig
 from model.training_stage import TUNING_STEPS, TuningConfig, prepare_tuning, run_training, training_stats
 from storage import ArtifactStore, ArtifactWriter, ConfigError, InputError, Manifest, Stage
@@ -136,7 +143,8 @@ def skip_reason(encoded: EncodedPair | None, chosen: str, rejected: str) -> str 
     return None
 
 
-def build_dpo(config: DPOConfig, inputs: list[Manifest], store: ArtifactStore, writer: ArtifactWriter) -> dict[str, Any]:
+def build_dpo(config: DPOConfig, inputs: list[Manifest], store: ArtifactStore,
+              writer: ArtifactWriter) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kiln-dpo-") as scratch_dir:
         tuning = prepare_tuning("dpo", config, inputs, store, writer, Path(scratch_dir), preference_pair)
         pairs, out_dir, seq_len = tuning.entries, tuning.out_dir, tuning.model.seq_len
@@ -157,6 +165,7 @@ def build_dpo(config: DPOConfig, inputs: list[Manifest], store: ArtifactStore, w
                 if reason is not None:
                     stats[f"skipped_{reason}"] += 1
                     continue
+                assert encoded is not None  # else skip_reason says "too_long"
                 stats["prompts_cropped"] += encoded.prompt_cropped
                 stats["responses_cut"] += encoded.responses_cut
                 for name, tokens in (("chosen", encoded.chosen), ("rejected", encoded.rejected)):

@@ -51,7 +51,8 @@ def heldout_metrics(model, batches, token_bytes: torch.Tensor, device) -> dict[s
     for inputs, targets in batches:
         inputs, targets = inputs.to(device), targets.to(device)
         logits, _ = model(inputs)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                 reduction="none")
         counted = targets.flatten() != IGNORE_INDEX
         nats += losses[counted].double().sum().item()
         tokens += counted.sum().item()
@@ -143,7 +144,8 @@ class EvaluateConfig(StageConfig):
     sample_prompt: str = Field("The", description="A prompt for the sample generation recorded with the results.")
     sample_tokens: int = Field(60, ge=1)
     harness: list[str] = Field([], description="lm-evaluation-harness tasks to run on the model (e.g. hellaswag, "
-                                               "arc_easy: downloaded by lm_eval, or local YAMLs via harness_include_path).")
+                                               "arc_easy: downloaded by lm_eval, "
+                                               "or local YAMLs via harness_include_path).")
     harness_include_path: str | None = Field(None, description="A directory of local lm_eval task YAMLs.")
     harness_limit: int | None = Field(None, ge=1, description="At most this many examples per harness task.")
     harness_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (None: each task's default).")
@@ -179,9 +181,10 @@ def chat_reply(model, model_dir: Path, config: EvaluateConfig) -> str:
     from model.chat_format import ChatFormat
     from model.generate import SamplingConfig, generate_tokens
 
+    assert config.chat_prompt is not None, "asked only with a prompt"
     chat = ChatFormat.from_dir(model_dir)
     prompt = chat.encode([{"role": "user", "content": config.chat_prompt}], add_generation_prompt=True).ids
-    stop = {chat.tokenizer.token_to_id(t) for t in STOP_TOKENS} - {None}
+    stop = {i for t in STOP_TOKENS if (i := chat.tokenizer.token_to_id(t)) is not None}
     reply = list(generate_tokens(model, prompt, SamplingConfig(max_new_tokens=config.sample_tokens, temperature=0.0),
                                  stop_ids=stop))
     return chat.tokenizer.decode(reply).strip()
@@ -200,11 +203,13 @@ def build_evaluate(config: EvaluateConfig, inputs: list[Manifest], store: Artifa
     made_by = meta.get("quantization", {}).get("source", trained.stage).split("/")[0]
     tokenizer = Tokenizer.from_file(str(store.local_path(tokenizer_manifest, "tokenizer.json")))
     bos_id = tokenizer.token_to_id(BOS)
+    assert bos_id is not None, "the tokenizer stage always adds BOS"
     loader = TokenShardLoader(store, pack, split="val", batch_size=config.batch_size, seed=0, shuffle=False)
     results: dict[str, Any] = heldout_metrics(model, itertools.islice(loader, config.eval_batches),
                                               token_byte_lengths(tokenizer), "cpu")
     items = (read_choice_file(Path(config.mc_file)) if config.mc_file else
-             continuation_task(_val_documents(store, pack, tokenizer, bos_id, 4 * config.mc_questions), config.mc_questions))
+             continuation_task(_val_documents(store, pack, tokenizer, bos_id, 4 * config.mc_questions),
+                               config.mc_questions))
     if items:
         results.update(multiple_choice(model, tokenizer, items, "cpu"))
         results["mc_chance"] = sum(1 / len(i["endings"]) for i in items) / len(items)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors.torch import save_file
@@ -19,7 +21,7 @@ from tokenizers import Tokenizer, processors
 
 from model.chat_format import BOS
 from model.checkpoint import TOKENIZER_FILES, WEIGHTS, load_checkpoint
-from model.model import ModelConfig, Transformer
+from model.model import Block, ModelConfig, Transformer
 from storage.outputs import write_output_dir
 
 
@@ -63,7 +65,7 @@ def _dense(module) -> torch.Tensor:
 def llama_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """Kiln parameter names -> Hugging Face Llama names, every weight dense (dequantized)."""
     state = {"model.embed_tokens.weight": _dense(model.embed), "model.norm.weight": model.norm.weight}
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(cast("Iterable[Block]", model.blocks)):  # a ModuleList of Blocks
         prefix = f"model.layers.{i}."
         for name in ("q", "k", "v", "o"):
             state[f"{prefix}self_attn.{name}_proj.weight"] = _dense(getattr(block.attn, f"{name}_proj"))

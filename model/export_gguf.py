@@ -148,6 +148,7 @@ def export_gguf(checkpoint: Path, output: Path, kind: GGUFType = "f16", overwrit
     writer.add_context_length(c.seq_len)
     writer.add_embedding_length(c.d_model)
     writer.add_block_count(c.n_layer)
+    assert c.ffn_hidden is not None  # ModelConfig's validator sets it
     writer.add_feed_forward_length(c.ffn_hidden)
     writer.add_head_count(c.n_head)
     writer.add_head_count_kv(c.n_kv_head)

@@ -13,13 +13,14 @@ generator (`Decoding`), so every sequence gets the tokens `generate_tokens` give
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Set
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 
-from model.model import KVCache, Transformer, apply_rope
+from model.model import Block, KVCache, Transformer, apply_rope
 
 
 @dataclass
@@ -50,7 +51,7 @@ def choose_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.G
 
 @torch.no_grad()
 def generate_tokens(model: Transformer, prompt: list[int], config: SamplingConfig,
-                    stop_ids: set[int] = frozenset(), cache: KVCache | None = None) -> Iterator[int]:
+                    stop_ids: Set[int] = frozenset(), cache: KVCache | None = None) -> Iterator[int]:
     """Yield up to max_new_tokens ids after `prompt`, stopping at any id in stop_ids (not yielded).
 
     With a `cache` that already holds a prefix of the prompt (a chat's earlier turns), only the
@@ -104,7 +105,7 @@ class Decoding:
     produced: int = 0
 
     @classmethod
-    def start(cls, config: SamplingConfig, stop_ids=frozenset(), device="cpu") -> "Decoding":
+    def start(cls, config: SamplingConfig, stop_ids=frozenset(), device="cpu") -> Decoding:
         generator = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
         return cls(config, frozenset(stop_ids), generator)
 
@@ -152,7 +153,7 @@ class BatchDecoder:
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]   # [B, 1, T, D]: every head
         B, T = tokens.shape
         x = model.embed(tokens)
-        for layer, block in enumerate(model.blocks):
+        for layer, block in enumerate(cast("Iterable[Block]", model.blocks)):  # a ModuleList of Blocks
             attn = block.attn
             h = block.attn_norm(x)
             q = attn.q_proj(h).view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)
@@ -166,7 +167,7 @@ class BatchDecoder:
         return model.head(model.norm(x))
 
     def _sdpa(self, q, k, v, mask, causal: bool) -> torch.Tensor:
-        attn = self.model.blocks[0].attn
+        attn = cast(Block, self.model.blocks[0]).attn
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                               enable_gqa=attn.n_kv_head != attn.n_head)
 
@@ -327,7 +328,7 @@ class Batch:
 
 @torch.no_grad()
 def generate_batch(model: Transformer, prompts: list[list[int]], configs: list[SamplingConfig],
-                   stop_ids: set[int] = frozenset(), max_rows: int | None = None) -> list[list[int]]:
+                   stop_ids: Set[int] = frozenset(), max_rows: int | None = None) -> list[list[int]]:
     """What `generate_tokens` yields for each prompt, decoded together in one Batch; with
     `max_rows` below the number of prompts, prompts wait and join as rows finish (as requests
     join the server's batch)."""
@@ -335,8 +336,14 @@ def generate_batch(model: Transformer, prompts: list[list[int]], configs: list[S
     batch = Batch(model, max_rows or len(prompts), max_len)
     device = batch.decoder.device
     results: list[list[int]] = [[] for _ in prompts]
-    waiting = [Sequence(prompt, Decoding.start(config, stop_ids, device),
-                        on_token=lambda token, _logits, out=out: out.append(token) is None)
+
+    def collect(out: list[int]) -> Callable[[int, torch.Tensor], bool]:
+        def on_token(token: int, _logits: torch.Tensor) -> bool:
+            out.append(token)
+            return True
+        return on_token
+
+    waiting = [Sequence(prompt, Decoding.start(config, stop_ids, device), on_token=collect(out))
                for prompt, config, out in zip(prompts, configs, results)]
     while waiting or batch.active:
         while waiting and batch.has_room():

@@ -46,8 +46,8 @@ def run_harness(model_dir: Path, tasks: list[str], include_path: str | None = No
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
-        raise ConfigError(f"evaluate.harness: lm_eval has no task {unknown[0]!r} "
-                          f"({'not in ' + include_path if include_path else 'give local task YAMLs with --include-path'})")
+        where = f"not in {include_path}" if include_path else "give local task YAMLs with --include-path"
+        raise ConfigError(f"evaluate.harness: lm_eval has no task {unknown[0]!r} ({where})")
     with tempfile.TemporaryDirectory(prefix="kiln-harness-") as scratch:
         exported = export_llama(model_dir, Path(scratch) / "hf")
         log.info("evaluate: lm_eval %s on %s (%s)", lm_eval.__version__, ", ".join(tasks), model_dir)

@@ -17,9 +17,9 @@ import subprocess
 import sys
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -66,7 +66,7 @@ def _is_gzip(path: Path) -> bool:
         return handle.read(2) == GZIP_MAGIC
 
 
-def _numbered_lines(path: Path, stream: IO[bytes]) -> Iterator[tuple[int, str]]:
+def _numbered_lines(path: Path, stream: Iterable[bytes]) -> Iterator[tuple[int, str]]:
     """(line number, text) of each line of a binary stream, decoded as UTF-8 one line at a time,
     so that a file that is not UTF-8 is reported at its line."""
     for number, raw in enumerate(stream, start=1):

@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -119,6 +118,7 @@ def run_accelerate(script_module: str, run_json: Path, launch: LaunchConfig, log
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                bufsize=1, start_new_session=True, pass_fds=() if lock_fd is None else (lock_fd,))
     try:
+        assert process.stdout is not None  # stdout=PIPE
         with open(log_file, "a") as sink:
             for line in process.stdout:
                 sink.write(line)
@@ -128,7 +128,7 @@ def run_accelerate(script_module: str, run_json: Path, launch: LaunchConfig, log
     finally:
         stop_process_group(process)
     if code != 0:
-        user_error = next((l for l in reversed(tail) if l.startswith("kiln:")), None)
+        user_error = next((line for line in reversed(tail) if line.startswith("kiln:")), None)
         if user_error:
             raise ConfigError(user_error.removeprefix("kiln: "))
         raise TrainingFailed(f"training exited with status {code}; last lines:\n" + "\n".join(list(tail)[-15:]))

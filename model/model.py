@@ -41,7 +41,7 @@ class ModelShape(BaseModel):
     init_std: float = Field(0.02, gt=0)
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "ModelShape":
+    def _heads_divide(self) -> ModelShape:
         if self.d_model % self.n_head:
             raise ValueError(f"d_model {self.d_model} is not a multiple of n_head {self.n_head}")
         if self.n_head % self.n_kv_head:
@@ -56,7 +56,7 @@ class ModelConfig(ModelShape):
     seq_len: int = Field(256, ge=1, description="The longest context trained on; RoPE tables cover it.")
 
     @model_validator(mode="after")
-    def _default_ffn(self) -> "ModelConfig":
+    def _default_ffn(self) -> ModelConfig:
         if self.ffn_hidden is None:
             self.ffn_hidden = 64 * math.ceil(8 * self.d_model / 3 / 64)
         return self
@@ -158,9 +158,11 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
-        self.up_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
-        self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
+        hidden = config.ffn_hidden
+        assert hidden is not None, "ModelConfig's validator sets the SwiGLU width"
+        self.gate_proj = nn.Linear(config.d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(config.d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -224,6 +226,9 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 class Transformer(nn.Module):
+    rope_cos: torch.Tensor  # buffers (register_buffer): [positions, head_dim]
+    rope_sin: torch.Tensor
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -297,13 +302,16 @@ class Transformer(nn.Module):
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay the matrices of linear layers; not norms, biases or embeddings."""
-    decay, no_decay, seen = [], [], set()
-    for module_name, module in model.named_modules():
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    embedding = model.get_parameter("embed.weight") if getattr(model, "config", None) is not None else None
+    for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if id(param) in seen or not param.requires_grad:
                 continue
             seen.add(id(param))
             is_matrix = isinstance(module, nn.Linear) and name == "weight"
-            tied_embedding = getattr(model, "config", None) is not None and param is getattr(model, "embed").weight
+            tied_embedding = param is embedding
             (decay if is_matrix and not tied_embedding else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

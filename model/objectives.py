@@ -21,7 +21,7 @@ from model.data import IndexLoader, TokenShardLoader
 from model.evaluate import heldout_metrics, token_byte_lengths
 from model.instruction_data import read_rows, read_table_columns, row_batch
 from model.parallel import Distributed
-from model.run_spec import RunSpec
+from model.run_spec import DPOData, PretrainData, RunSpec, SFTData
 from storage import ArtifactStore, atomic_file
 
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -67,9 +67,11 @@ class PretrainObjective(NextTokenObjective):
     def __init__(self, spec: RunSpec, dist: Distributed):
         from tokenizers import Tokenizer
 
+        data = spec.data
+        assert isinstance(data, PretrainData) and spec.tokenizer_dir is not None, "a pretraining run's spec"
         self.loader_cls = TokenShardLoader
-        self.store = ArtifactStore(spec.data.store)
-        self.pack = self.store.find(spec.data.pack)
+        self.store = ArtifactStore(data.store)
+        self.pack = self.store.find(data.pack)
         self.config = spec.train
         self.device = dist.device
         tokenizer = Tokenizer.from_file(str(spec.tokenizer_dir / "tokenizer.json"))
@@ -106,12 +108,14 @@ class SFTObjective(NextTokenObjective):
     """Cross-entropy on the assistant's tokens of packed conversation rows."""
 
     def __init__(self, spec: RunSpec, dist: Distributed):
+        data = spec.data
+        assert isinstance(data, SFTData), "an SFT run's spec"
         self.config = spec.train
         self.device = dist.device
-        self.train_tokens, self.train_mask = read_rows(spec.data.rows["train"])
-        self.val_tokens, self.val_mask = read_rows(spec.data.rows["val"])
+        self.train_tokens, self.train_mask = read_rows(data.rows["train"])
+        self.val_tokens, self.val_mask = read_rows(data.rows["val"])
 
-    def train_batches(self, rank: int, world_size: int) -> "_RowBatches":
+    def train_batches(self, rank: int, world_size: int) -> _RowBatches:
         return _RowBatches(self, IndexLoader(len(self.train_tokens), self.config.batch_size, self.config.seed,
                                              rank, world_size))
 
@@ -158,7 +162,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def collate(sequences: list[tuple[list[int], list[bool]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(sequences: list[tuple[list[int], list[bool]]],
+            pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(inputs, targets, target mask) [N, T], padded to the longest sequence."""
     width = max(len(ids) for ids, _ in sequences) - 1
     inputs = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -202,6 +207,7 @@ class DPOObjective:
     def __init__(self, spec: RunSpec, dist: Distributed):
         self.config = spec.train
         settings = spec.data
+        assert isinstance(settings, DPOData) and spec.init_from is not None, "a DPO run's spec: it starts from a model"
         self.beta, self.kind, self.pad_id = settings.beta, settings.loss, settings.pad_id
         self.dist = dist
         self.device = dist.device

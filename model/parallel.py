@@ -20,10 +20,13 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from model.model import Transformer
 
 Parallelism = Literal["ddp", "fsdp"]
 
@@ -39,7 +42,7 @@ class Distributed:
     precision: Literal["fp32", "bf16", "fp16"]
 
     @classmethod
-    def from_env(cls, precision: str = "auto") -> "Distributed":
+    def from_env(cls, precision: str = "auto") -> Distributed:
         """Join the process group `accelerate launch` (or torchrun) described in the environment."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -100,7 +103,7 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def parallelize(model: torch.nn.Module, parallelism: Parallelism, run: Distributed,
+def parallelize(model: Transformer, parallelism: Parallelism, run: Distributed,
                 shard_alone: bool = False) -> torch.nn.Module:
     """The model on this rank's device, replicated or sharded over the ranks. One process is left
     as it is, unless `shard_alone` (FSDP2 at world size 1 in a 1-rank process group the caller
@@ -128,21 +131,23 @@ def no_gradient_sync(model: torch.nn.Module, parallelism: Parallelism, skip: boo
     if not skip or not isinstance(model, torch.nn.Module):
         yield
         return
-    if hasattr(model, "no_sync"):  # DDP
-        with model.no_sync():
+    no_sync = getattr(model, "no_sync", None)
+    if no_sync is not None:  # DDP
+        with no_sync():
             yield
         return
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(False)
+    set_gradient_sync = getattr(model, "set_requires_gradient_sync", None)
+    if set_gradient_sync is not None:  # FSDP2
+        set_gradient_sync(False)
         try:
             yield
         finally:
-            model.set_requires_gradient_sync(True)
+            set_gradient_sync(True)
         return
     yield
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap(model: torch.nn.Module) -> Transformer:
     """The Transformer inside DDP and torch.compile wrappers (FSDP2 shards it in place)."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+    inner: Any = getattr(model, "module", model)
+    return getattr(inner, "_orig_mod", inner)

@@ -27,6 +27,7 @@ import torch
 from pydantic import Field, field_validator
 
 from model.checkpoint import WEIGHTS, artifact_checkpoint, load_checkpoint, model_inputs, write_model
+from model.model import Transformer
 from model.quantization import QuantizedWeight, linear_names, quantize_int4, quantize_int8
 from storage import ArtifactStore, ArtifactWriter, InputError, Manifest, Stage, StageConfig
 
@@ -66,7 +67,7 @@ def calibration_rows(store: ArtifactStore, pack: Manifest, rows: int) -> torch.T
     return torch.tensor(taken, dtype=torch.long)[:, :-1]
 
 
-def quantize_model(model: torch.nn.Module, method: str, group_size: int, calibration: torch.Tensor | None = None,
+def quantize_model(model: Transformer, method: str, group_size: int, calibration: torch.Tensor | None = None,
                    grid: int = 20, clip: bool = False) -> tuple[dict[str, QuantizedWeight], dict]:
     """The quantized weights of `model` by name (`embed`, `head`, `blocks.i....`); AWQ rescales
     the model in place first. Also returns what was chosen (AWQ's alphas)."""
@@ -79,7 +80,7 @@ def quantize_model(model: torch.nn.Module, method: str, group_size: int, calibra
         report["awq"] = awq_scale(model, calibration, group_size, grid, clip=clip)
     weights: dict[str, QuantizedWeight] = {}
     for name in linear_names(model):
-        weight = model.get_submodule(name).weight
+        weight = model.get_parameter(f"{name}.weight")
         weights[name] = quantize_int8(weight) if method == "int8" else quantize_int4(weight, group_size)
     weights["embed"] = quantize_int8(model.embed.weight)  # per row: per token, and per output of a tied head
     weights["head"] = weights["embed"] if model.config.tie_embeddings else quantize_int8(model.head.weight)
@@ -114,13 +115,13 @@ def build_quantize(config: QuantizeConfig, inputs: list[Manifest], store: Artifa
                 "layers": sorted(weights), "source": f"{trained.stage}/{trained.fingerprint}"}
         out = writer.local_path("model") if store.is_local else Path(scratch) / "out"
         out.mkdir(parents=True, exist_ok=True)
-        write_model(out, quantized_state(model, weights), model.config, source,
-                    extra={"quantization": spec, **{k: v for k, v in meta.items() if k not in ("model", "quantization")}})
+        kept = {k: v for k, v in meta.items() if k not in ("model", "quantization")}
+        write_model(out, quantized_state(model, weights), model.config, source, extra={"quantization": spec, **kept})
         if not store.is_local:
             writer.write_tree(out, "model")
         source_bytes = (source / WEIGHTS).stat().st_size
         quantized_bytes = (out / WEIGHTS).stat().st_size
-    stats = {**spec, "bytes": quantized_bytes, "source_bytes": source_bytes,
+    stats: dict[str, Any] = {**spec, "bytes": quantized_bytes, "source_bytes": source_bytes,
              "size_ratio": round(quantized_bytes / source_bytes, 4), "seconds": round(time.perf_counter() - started, 2),
              "calibration_tokens": int(calibration.numel()) if calibration is not None else 0}
     if "awq" in report:

@@ -91,5 +91,5 @@ class RunSpec(BaseModel):
         return path
 
     @classmethod
-    def read(cls, path: str | Path) -> "RunSpec":
+    def read(cls, path: str | Path) -> RunSpec:
         return cls.model_validate_json(Path(path).read_bytes())

@@ -56,11 +56,12 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Set
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import torch
+
 # at module level: FastAPI resolves the endpoints' annotations (Request) from this module's names
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -320,7 +321,7 @@ class TokenTable:
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
-    def offsets(self, ids: list[int], start: int = 0, zero_width: set[int] = frozenset()) -> list[int]:
+    def offsets(self, ids: list[int], start: int = 0, zero_width: Set[int] = frozenset()) -> list[int]:
         """The character offset where each token starts, from `start`: the characters before it
         are the UTF-8 lead bytes before it (a token that ends mid-character counts it)."""
         out, at = [], start
@@ -425,7 +426,7 @@ class Generation:
     """One prompt in the batch, seen from the event loop: the scheduler thread calls its
     callbacks, which hand events to an asyncio queue; `pieces()` turns them into text."""
 
-    def __init__(self, engine: "Engine", prompt: Prompt, sampling: SamplingConfig, stop_ids: frozenset[int],
+    def __init__(self, engine: Engine, prompt: Prompt, sampling: SamplingConfig, stop_ids: frozenset[int],
                  stops: list[str], logprobs: int | None, echo: bool):
         self.engine, self.prompt, self.stops, self.logprobs, self.echo = engine, prompt, stops, logprobs, echo
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -441,6 +442,7 @@ class Generation:
         self.engine.post(self.queue, event)
 
     def _on_prompt(self, logits: torch.Tensor) -> None:
+        assert self.logprobs is not None, "on_prompt is set only when logprobs are asked for"
         ids = self.prompt.ids
         scored = score_positions(logits[:-1], ids[1:], self.logprobs) if len(ids) > 1 else []
         self._put(("prompt", [Scored(ids[0], None, None), *(Scored(t, lp, top) for t, (lp, top)
@@ -569,7 +571,7 @@ class Engine:
         elif prompt and isinstance(prompt[0], int):
             prompt = [prompt]
         out = []
-        for i, item in enumerate(prompt):
+        for item in cast("list[str | list[int]]", prompt):  # a list of prompts now
             if isinstance(item, str):
                 out.append(Prompt(self.loaded.encode_document_start(item), item, True))
                 continue
@@ -616,6 +618,7 @@ class Engine:
         if not self._outbox:
             return
         events, self._outbox = self._outbox, []
+        assert self._loop is not None, "attach() records it before any request makes an event"
         with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
             self._loop.call_soon_threadsafe(_deliver, events)
 
@@ -634,7 +637,7 @@ class Engine:
                     self._wake.wait()
                 if self._closing:
                     break
-                joining = []
+                joining: list[Sequence] = []
                 while self._waiting and len(batch.active) + len(joining) < self.max_batch:
                     joining.append(self._waiting.popleft())
             try:
@@ -741,7 +744,7 @@ def create_app(engine: Engine, api_key: str | None = None):
     # --- responses
 
     def chat_logprobs(scored: list[Scored]) -> dict:
-        def entry(token: int, logprob: float) -> dict:
+        def entry(token: int, logprob: float | None) -> dict:
             return {"token": engine.tokens.names[token], "logprob": logprob,
                     "bytes": list(engine.tokens.bytes[token])}
 
@@ -752,7 +755,7 @@ def create_app(engine: Engine, api_key: str | None = None):
         def tops(s: Scored) -> dict | None:
             if s.top is None:
                 return None
-            out = {engine.tokens.names[t]: lp for t, lp in s.top}
+            out: dict[str, float | None] = {engine.tokens.names[t]: lp for t, lp in s.top}
             out.setdefault(engine.tokens.names[s.token], s.logprob)  # the chosen one always shows
             return out
 
@@ -812,7 +815,8 @@ def create_app(engine: Engine, api_key: str | None = None):
             work = asyncio.ensure_future(asyncio.gather(*(collect(c) for c in choices)))
             gone = asyncio.ensure_future(until_disconnected(request))
             try:
-                await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+                racing: set[asyncio.Future[Any]] = {work, gone}
+                await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 gone.cancel()
                 if not work.done():   # the client left (or the server is stopping): stop generating
@@ -863,7 +867,8 @@ def create_app(engine: Engine, api_key: str | None = None):
                         running -= 1
                         continue
                     if isinstance(piece, Exception):
-                        yield f"data: {json.dumps({'error': {'message': str(piece), 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+                        error = {"message": str(piece), "type": "server_error", "param": None, "code": None}
+                        yield f"data: {json.dumps({'error': error})}\n\n"
                         return
                     if kind == "chat":
                         delta = {"content": piece.text} if piece.text or not piece.finish else {}

@@ -43,8 +43,16 @@ from pydantic import Field
 
 from model.chat_format import ChatFormat, ChatTokens, check_messages, crop_prompt
 from model.checkpoint import load_checkpoint
-from model.instruction_data import (BadEntry, alpaca_prompt, describe_data, hh_transcript, read_rows, split_holdout,
-                                    string_field, write_rows)
+from model.instruction_data import (
+    BadEntry,
+    alpaca_prompt,
+    describe_data,
+    hh_transcript,
+    read_rows,
+    split_holdout,
+    string_field,
+    write_rows,
+)
 from model.objectives import eval_indices, response_loss_sums
 from model.run_spec import RunSpec, SFTData, TrainConfig
 from model.training_stage import TUNING_STEPS, TuningConfig, prepare_tuning, run_training, training_stats
@@ -139,7 +147,8 @@ def conversation_rows(chat: ChatFormat, conversations: list[list[dict[str, str]]
     return (*pack_conversations(encoded, row_len, chat.pad_id), counts)
 
 
-def build_sft(config: SFTConfig, inputs: list[Manifest], store: ArtifactStore, writer: ArtifactWriter) -> dict[str, Any]:
+def build_sft(config: SFTConfig, inputs: list[Manifest], store: ArtifactStore,
+              writer: ArtifactWriter) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kiln-sft-") as scratch_dir:
         tuning = prepare_tuning("sft", config, inputs, store, writer, Path(scratch_dir), sft_conversation)
         conversations, out_dir, seq_len = tuning.entries, tuning.out_dir, tuning.model.seq_len

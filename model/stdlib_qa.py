@@ -82,7 +82,7 @@ def summary(doc: str | None) -> str | None:
 
 def public_objects(module) -> list[tuple[str, object]]:
     names = getattr(module, "__all__", None) or [n for n in dir(module) if not n.startswith("_")]
-    found = []
+    found: list[tuple[str, object]] = []
     for name in sorted(set(names)):
         obj = getattr(module, name, None)
         if obj is None or name.startswith("_") or inspect.ismodule(obj):

@@ -20,19 +20,29 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from model.checkpoint import (WEIGHTS, full_model_state, latest_checkpoint, load_training_checkpoint, rewrite_lines,
-                              save_checkpoint, save_training_checkpoint)
+from model.checkpoint import (
+    WEIGHTS,
+    full_model_state,
+    latest_checkpoint,
+    load_training_checkpoint,
+    rewrite_lines,
+    save_checkpoint,
+    save_training_checkpoint,
+)
 from model.launch import exit_with_driver
 from model.model import Transformer, parameter_groups
 from model.objectives import OBJECTIVES
 from model.parallel import Distributed, no_gradient_sync, parallelize, unwrap
 from model.run_spec import RunSpec, TrainConfig
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 FINAL = "model"
 METRICS = "metrics.jsonl"
@@ -75,7 +85,7 @@ class Run:
         self.loader = self.objective.train_batches(self.rank, self.world)
         self.batches = iter(self.loader)
         self.step = 0
-        self.tensorboard = None
+        self.tensorboard: SummaryWriter | None = None  # made by the first _log on rank 0
 
     def _check_world_size(self, expected: int | None) -> None:
         # `accelerate launch --cpu --num_processes 2` silently runs one process: refuse it.
@@ -84,14 +94,14 @@ class Run:
                              "check the launch flags")
 
     def _build_model(self, init_from: Path | None) -> torch.nn.Module:
-        model = Transformer(self.model_config)
+        transformer = Transformer(self.model_config)
         if init_from:  # SFT from a pretrained model, DPO from an SFT model
             state = load_file(str(Path(init_from) / WEIGHTS))
-            model.load_state_dict(state, strict=not self.model_config.tie_embeddings)
-        model.activation_checkpointing = self.config.activation_checkpointing
-        model = parallelize(model, self.parallelism, self.dist)
+            transformer.load_state_dict(state, strict=not self.model_config.tie_embeddings)
+        transformer.activation_checkpointing = self.config.activation_checkpointing
+        model = parallelize(transformer, self.parallelism, self.dist)
         if self.config.compile:
-            model = torch.compile(model)
+            model = cast(torch.nn.Module, torch.compile(model))  # a module in, an OptimizedModule out
         return model
 
     @property
@@ -188,7 +198,8 @@ class Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.config)
         self.model.train()
-        total, extras, tokens = 0.0, {}, 0
+        total, tokens = 0.0, 0
+        extras: dict[str, float] = {}
         accum = self.config.grad_accum
         for micro in range(accum):
             batch = next(self.batches)

@@ -66,12 +66,14 @@ WHATWG_LABELS: dict[str, tuple[str, ...]] = {
 _BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
 
 
-def _c1_passthrough(err: UnicodeDecodeError) -> tuple[str, int]:
+def _c1_passthrough(err: UnicodeError) -> tuple[str, int]:
+    assert isinstance(err, UnicodeDecodeError), "a decoding handler"
     # WHATWG windows-1252 maps the 5 bytes cp1252 leaves undefined to the C1 controls
     return err.object[err.start:err.end].decode("latin-1"), err.end
 
 
-def _cp1252_repair(err: UnicodeDecodeError) -> tuple[str, int]:
+def _cp1252_repair(err: UnicodeError) -> tuple[str, int]:
+    assert isinstance(err, UnicodeDecodeError), "a decoding handler"
     return err.object[err.start:err.end].decode("cp1252", "kiln-c1"), err.end
 
 
@@ -155,8 +157,8 @@ def decode_text(body: bytes, declared: str | None, html: bool = True,
     decoded = decode_bytes(body, declared, html, prefer_utf8)
     if decoded is None:
         return None
-    text, *how = decoded
-    return (text.decode("utf-8") if isinstance(text, bytes) else text, *how)
+    text, codec, source, replaced = decoded
+    return text.decode("utf-8") if isinstance(text, bytes) else text, codec, source, replaced
 
 
 def decode_bytes(body: bytes, declared: str | None, html: bool,

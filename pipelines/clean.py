@@ -34,6 +34,16 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.stats import Stats
 from pydantic import Field
 
+from pipelines.common import (
+    InputError,
+    Progress,
+    Stage,
+    document_shards,
+    merge_counts,
+    read_shard,
+    shard_name,
+)
+from pipelines.executor import ParallelStageConfig, executor_for
 from pipelines.steps import (
     NEEDS_EXTRACTION,
     REASON,
@@ -47,16 +57,6 @@ from pipelines.steps import (
     PIIConfig,
     UrlFilterConfig,
 )
-from pipelines.common import (
-    InputError,
-    Progress,
-    Stage,
-    document_shards,
-    merge_counts,
-    read_shard,
-    shard_name,
-)
-from pipelines.executor import ParallelStageConfig, executor_for
 from pipelines.words import ENGLISH_WORDS
 from storage import ArtifactStore, ArtifactWriter, Manifest
 
@@ -125,7 +125,7 @@ class _Rejects:
     def __init__(self):
         self.documents: list[Document] = []
 
-    def __enter__(self) -> "_Rejects":
+    def __enter__(self) -> _Rejects:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -287,10 +287,12 @@ def build_clean(
         for i, relpath in enumerate(shards) if results[i] is None
     ]
     rows = [source.file(relpath).rows for relpath in shards]
-    total = sum(rows) if all(r is not None for r in rows) else None
+    known = [r for r in rows if r is not None]
+    total = sum(known) if len(known) == len(rows) else None
 
     started = time.perf_counter()
-    processed, step_seconds = 0, {}
+    processed = 0
+    step_seconds: dict[str, float] = {}
     with executor_for(config, store) as executor, Progress("clean", total, unit="docs", units=len(shards)) as bar:
         bar.advance(sum(r["documents_in"] for r in results if r))
         for task, (result, node) in zip(todo, executor.map(_clean_shard, todo)):

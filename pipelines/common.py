@@ -12,17 +12,26 @@ import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from storage import ArtifactStore, Manifest
 from storage.stage import (  # noqa: F401 - re-exported: the stage protocol, for pipelines/
-    ConfigError, InputError, KilnError, Stage, StageConfig, TransientError,
+    ConfigError,
+    InputError,
+    KilnError,
+    Stage,
+    StageConfig,
+    TransientError,
 )
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as RichProgress  # imported when a bar is shown
 
 log = logging.getLogger("kiln")
 
 T = TypeVar("T")
 R = TypeVar("R")
+Number = TypeVar("Number", int, float)
 
 
 # ------------------------------------------------------------------ progress
@@ -41,14 +50,20 @@ class Progress:
         self.units, self.units_done = units, 0
         self.done = 0
         self.by_node: dict[str, int] = {}
-        self._bar = None
+        self._bar: RichProgress | None = None
         self._last_log = 0.0
         self._started = time.perf_counter()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         if sys.stderr.isatty() and not os.environ.get("KILN_NO_PROGRESS"):
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
-                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress as RichProgress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._bar = RichProgress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -111,7 +126,7 @@ def progress(items: Iterable[T], description: str, total: int | None = None, uni
             bar.advance()
 
 
-def merge_counts(total: dict[str, int], part: dict[str, int]) -> dict[str, int]:
+def merge_counts(total: dict[str, Number], part: dict[str, Number]) -> dict[str, Number]:
     for key, value in part.items():
         total[key] = total.get(key, 0) + value
     return total

@@ -30,9 +30,8 @@ from typing import Literal
 
 import trafilatura
 from datatrove.pipeline.extractors.base import BaseExtractor
-from lxml import etree
+from lxml import etree, html as lxml_html
 from pydantic import BaseModel, ConfigDict, Field
-from lxml import html as lxml_html
 from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.html import HTMLTree
 
@@ -311,9 +310,9 @@ def _extract_resiliparse(html: str, config: ExtractConfig) -> str | None:
     tree = HTMLTree.parse(html)
     if tree.body is None:
         return None
-    text = extract_plain_text(tree, main_content=True)
+    text: str | None = extract_plain_text(tree, main_content=True)
     if text and config.strip_headline:
-        found = [tree.title or ""] + [el.text for el in tree.body.get_elements_by_tag_name("h1")]
+        found = [tree.title or ""] + [el.text or "" for el in tree.body.get_elements_by_tag_name("h1")]
         text = strip_headline(text, {norm for norm in map(_norm, found) if norm})
     # No link-text guard here: reading the labels of all links off resiliparse's
     # DOM costs several times the extraction itself.

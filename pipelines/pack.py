@@ -123,7 +123,7 @@ class _PackTask:
     shards: tuple[str, ...]
     documents: Manifest
     tokenizer: Manifest
-    config: "PackConfig"
+    config: PackConfig
     writer: ArtifactWriter
     one_thread: bool    # several units at once on this machine: the processes are the parallelism
 
@@ -181,7 +181,9 @@ def encode_shard(store: ArtifactStore, task: _PackTask, relpath: str, tokenizer,
     """One input shard's documents as token ids, each led by BOS, with its split."""
     ids, texts, splits = _read_documents(store, task.documents, relpath)
     batch_size = task.config.encode_batch_size
-    pieces, lengths, is_val = [], [], []
+    pieces: list[np.ndarray] = []
+    lengths: list[int] = []
+    is_val: list[bool] = []
     for start in range(0, len(texts), batch_size):
         batch = [t or "" for t in texts[start:start + batch_size]]
         encoded = [e.ids for e in tokenizer.encode_batch_fast(batch, add_special_tokens=False)]

@@ -381,7 +381,7 @@ class FastLanguageIdentifier(LanguageIdentifier):
         self._depth = self._deepest_state()
         # Stored as float16; every score multiplies rows of it in float32, converting the rows
         # each time. Converted once (exactly: every float16 is a float32), 28 MB more.
-        self.nb_ptc = np.asarray(self.nb_ptc, dtype=np.float32)
+        self.nb_ptc: np.ndarray = np.asarray(self.nb_ptc, dtype=np.float32)
 
     def _deepest_state(self) -> int:
         """Breadth-first from the start state: how many bytes reach the farthest state."""

@@ -80,11 +80,11 @@ def docstring_html(doc: str | None) -> str:
     parts = []
     for block in re.split(r"\n\s*\n", inspect.cleandoc(doc)):
         lines = block.splitlines()
-        if lines and (lines[0].lstrip().startswith((">>>", "|", "+")) or all(l.startswith("    ") for l in lines)
-                      or any(COLUMNS.search(l) for l in lines)):  # examples, code, diagrams, aligned columns
+        if lines and (lines[0].lstrip().startswith((">>>", "|", "+")) or all(line.startswith("    ") for line in lines)
+                      or any(COLUMNS.search(line) for line in lines)):  # examples, code, diagrams, aligned columns
             parts.append(f"<pre>{html.escape(block)}</pre>")
         else:
-            text = ROLE.sub(r"\1", " ".join(l.strip() for l in lines))
+            text = ROLE.sub(r"\1", " ".join(line.strip() for line in lines))
             parts.append(f"<p>{html.escape(text)}</p>")
     return "\n".join(parts)
 
@@ -100,7 +100,9 @@ def grid_table_html(lines: list[str]) -> str:
     border = lines[0].strip()
     indent = len(lines[0]) - len(lines[0].lstrip())
     edges = [i for i, c in enumerate(border) if c == "+"]
-    rows, current, header_rows = [], None, 0
+    rows: list[list[str]] = []
+    current: list[str] | None = None
+    header_rows = 0
     for line in lines[1:]:
         line = line[indent:]
         if line.startswith("+") or set(line.strip()) <= set("|+="):  # a border; `=` ends the header
@@ -148,7 +150,7 @@ def _signature(obj) -> str:
 
 
 def _public_members(module) -> list[tuple[str, object]]:
-    members = []
+    members: list[tuple[str, object]] = []
     for name, obj in sorted(vars(module).items()):
         if name.startswith("_") or not (inspect.isclass(obj) or inspect.isroutine(obj)):
             continue

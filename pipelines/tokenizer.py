@@ -32,9 +32,8 @@ import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from pipelines.common import ConfigError, InputError, Progress, Stage, StageConfig, document_shards
 from pipelines.executor import default_workers
-from pipelines.common import (ConfigError, InputError, Progress, Stage, StageConfig,
-                              document_shards)
 from storage import ArtifactStore, ArtifactWriter, Manifest
 
 # ------------------------------------------------------------------ the vocabulary's fixed part
@@ -223,7 +222,8 @@ class _Corpus:
     @property
     def rows(self) -> int | None:
         counts = [self.manifest.file(s).rows for s in self.shards]
-        return None if any(c is None for c in counts) else sum(counts)  # type: ignore[misc]
+        known = [c for c in counts if c is not None]
+        return sum(known) if len(known) == len(counts) else None
 
     @contextlib.contextmanager
     def _open(self, shard: str) -> Iterator[pq.ParquetFile]:

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 TEMP_MARK = ".tmp-"
 
@@ -52,7 +52,7 @@ def atomic_file(final: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO
     """Write under a temporary name; flushed, fsynced and renamed to `final` when the block
     succeeds, removed when it fails."""
     with atomic_path(final) as temp, open(temp, mode) as handle:
-        yield handle
+        yield cast(BinaryIO, handle)  # `mode` is a binary one; open()'s type depends on its literal
 
 
 def atomic_write_bytes(final: str | os.PathLike, data: bytes) -> None:

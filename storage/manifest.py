@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -68,7 +68,7 @@ class Manifest(BaseModel):
     config: dict[str, Any]
     inputs: list[str] = Field(default_factory=list)
     code_version: str
-    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
     files: list[FileEntry] = Field(default_factory=list)
     stats: dict[str, Any] = Field(default_factory=dict)
     # Where the data came from when it came from outside the store (the crawl files of
@@ -96,7 +96,7 @@ class Manifest(BaseModel):
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True, ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, text: str | bytes, where: str) -> "Manifest":
+    def from_json(cls, text: str | bytes, where: str) -> Manifest:
         try:
             return cls.model_validate(json.loads(text))
         except ValidationError as err:

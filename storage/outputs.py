@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from storage.atomic import atomic_path, swap_into_place, temp_name
@@ -83,7 +83,7 @@ def write_output_dir(final: str | os.PathLike, fill: Callable[[Path], None], *, 
     try:
         fill(temp)
         files = sorted(p.relative_to(temp).as_posix() for p in temp.iterdir())
-        marker = {"kind": kind, "files": files, "created": datetime.now(timezone.utc).isoformat(), **(about or {})}
+        marker = {"kind": kind, "files": files, "created": datetime.now(UTC).isoformat(), **(about or {})}
         (temp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         for path in temp.rglob("*"):
             if path.is_file():

@@ -90,7 +90,8 @@ class Stage:
             identity = {**identity, "external_sources": self.describe_sources(config)}
         return fingerprint(self.name, identity, [m.fingerprint for m in inputs], self.code_version)
 
-    def run(self, config: StageConfig, inputs: list[Manifest], store: ArtifactStore, *, force: bool = False) -> Manifest:
+    def run(self, config: StageConfig, inputs: list[Manifest], store: ArtifactStore, *,
+            force: bool = False) -> Manifest:
         fp = self.fingerprint(config, inputs)
         started = time.perf_counter()
 

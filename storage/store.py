@@ -18,6 +18,7 @@ Commit protocol
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import hashlib
@@ -71,7 +72,7 @@ def take_written() -> dict[str, dict[str, tuple[int, str]]]:
 def add_written(entries: dict[str, dict[str, tuple[int, str]]]) -> None:
     """Entries a unit recorded elsewhere (another process, another node)."""
     for key, files in entries.items():
-        _WRITTEN.setdefault(key, {}).update({path: tuple(value) for path, value in files.items()})
+        _WRITTEN.setdefault(key, {}).update({path: (size, digest) for path, (size, digest) in files.items()})
 
 
 class _Hashing:
@@ -171,7 +172,8 @@ class ArtifactStore:
         for entry in entries:
             relative = posixpath.relpath(entry.path, prefix or ".")
             if not is_inner_path(relative):  # a validated manifest never gets here; a hand-made one might
-                raise StorageError(f"{manifest.stage}/{manifest.short}: {entry.path!r} is outside {prefix or 'the artifact'}")
+                raise StorageError(f"{manifest.stage}/{manifest.short}: {entry.path!r} "
+                                   f"is outside {prefix or 'the artifact'}")
             destination = target / relative
             destination.parent.mkdir(parents=True, exist_ok=True)
             with self.open(manifest, entry.path) as src, open(destination, "wb") as dst:
@@ -193,7 +195,8 @@ class ArtifactStore:
         manifest, problem = self._read_manifest(stage, fp)
         if manifest is None:
             if problem:
-                log.warning("%s: %s; treating the artifact as missing", posixpath.join(directory, MANIFEST_NAME), problem)
+                log.warning("%s: %s; treating the artifact as missing", posixpath.join(directory, MANIFEST_NAME),
+                            problem)
             return None
         problems = self.problems(manifest, verify)
         if problems:
@@ -295,7 +298,7 @@ class ArtifactStore:
                     damaged.append(f"{name}/{fp}/{MANIFEST_NAME}: {problem}")
         return sorted(found, key=lambda m: m.created)
 
-    def stages(self) -> list[str]:
+    def stages(self) -> builtins.list[str]:  # builtins: `list` here is the method above
         """The stage directories under the root. Anything else there (`lost+found`, which every
         ext4 volume's root has, a `backup.old`) is not Kiln's: skipped with a warning."""
         if not self.fs.exists(self.root):
@@ -357,10 +360,10 @@ class ArtifactStore:
         self,
         stage: str,
         fp: str,
-        build: Callable[["ArtifactWriter"], dict[str, Any] | None],
+        build: Callable[[ArtifactWriter], dict[str, Any] | None],
         *,
         config: dict[str, Any],
-        inputs: list[str],
+        inputs: builtins.list[str],
         code_version: str,
         force: bool = False,
         verify: Verify = "content",
@@ -393,7 +396,8 @@ class ArtifactStore:
         Yields the lock file's descriptor on local disk: a process that inherits it holds the lock
         with us, and after us if we are killed (the training launcher, see model/launch.py)."""
         if not self.is_local:
-            with ObjectLease(self.fs, posixpath.join(self.stage_dir(stage), ".locks", f"{fp}.lease"), f"{stage}/{fp[:12]}"):
+            lease = posixpath.join(self.stage_dir(stage), ".locks", f"{fp}.lease")
+            with ObjectLease(self.fs, lease, f"{stage}/{fp[:12]}"):
                 yield None
             return
         lock_dir = Path(self.stage_dir(stage), ".locks")
@@ -471,7 +475,7 @@ class ObjectLease:
             log.debug("%s: no conditional writes on this store; no lease", self.path)
             return True
 
-    def __enter__(self) -> "ObjectLease":
+    def __enter__(self) -> ObjectLease:
         waited = False
         while not self._create():
             try:

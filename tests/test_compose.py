@@ -37,7 +37,8 @@ def pins() -> dict[str, str]:
 
 
 def named_volumes(services) -> set[str]:
-    return {v.split(":")[0] for svc in services.values() for v in svc.get("volumes", []) if not v.startswith((".", "/"))}
+    volumes = [v for svc in services.values() for v in svc.get("volumes", [])]
+    return {v.split(":")[0] for v in volumes if not v.startswith((".", "/"))}
 
 
 def runners(services) -> dict:
@@ -67,7 +68,8 @@ def test_prefect_server_runs_on_postgres(services):
     postgres, server = services["postgres"], services["prefect-server"]
     assert postgres["image"].startswith("postgres:16")
     assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
-    assert any(v.split(":")[0] in named_volumes(services) for v in postgres["volumes"]), "the database on a named volume"
+    named = named_volumes(services)
+    assert any(v.split(":")[0] in named for v in postgres["volumes"]), "the database on a named volume"
 
     env = server["environment"]
     url = env["PREFECT_API_DATABASE_CONNECTION_URL"]

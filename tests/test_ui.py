@@ -71,7 +71,8 @@ def browser(ui_server):
 
 # v1 at the address `kiln` prints after a run ({ui}/runs/flow-run/<id>); v2 is what a browser
 # without a saved preference is sent to from the UI's front page.
-@pytest.mark.parametrize("ui, path", [("v1", "/runs/flow-run/{id}"), ("v2", "/v2/runs/flow-run/{id}")], ids=["v1", "v2"])
+@pytest.mark.parametrize("ui, path", [("v1", "/runs/flow-run/{id}"), ("v2", "/v2/runs/flow-run/{id}")],
+                         ids=["v1", "v2"])
 def test_flow_run_page_shows_the_run_and_its_stages(ui_server, pipeline_run, browser, ui, path):
     from playwright.sync_api import expect
 

@@ -114,7 +114,8 @@ class FileTask:
     external: bool = True                # from outside the store: lineage ends here
 
 
-def plan_files(config: IngestConfig, inputs: list[Manifest], store: ArtifactStore, writer: ArtifactWriter) -> list[FileTask]:
+def plan_files(config: IngestConfig, inputs: list[Manifest], store: ArtifactStore,
+               writer: ArtifactWriter) -> list[FileTask]:
     """The crawl files, in a fixed order: upstream artifacts' files, then `config.inputs` expanded."""
     found: list[tuple[str, str, dict, str | None, bool]] = []
     for manifest in inputs:
@@ -127,7 +128,8 @@ def plan_files(config: IngestConfig, inputs: list[Manifest], store: ArtifactStor
             found.append((url, url, config.storage_options, None, True))
     if not found:
         if not config.inputs and not inputs:
-            raise InputError("ingest: no inputs; give crawl files in `inputs` (paths, globs, URLs) or an upstream artifact")
+            raise InputError("ingest: no inputs; give crawl files in `inputs` (paths, globs, URLs) "
+                             "or an upstream artifact")
         raise InputError("ingest: the upstream artifacts hold no .warc/.warc.gz files")
     seen, unique = set(), []
     for item in found:

@@ -154,7 +154,8 @@ def fs_options(url: str, storage_options: dict[str, Any], timeout_s: float) -> d
     if url.startswith(("http://", "https://")) and "client_kwargs" not in options:
         import aiohttp
 
-        options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)}
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+        options["client_kwargs"] = {"timeout": timeout}
     return options
 
 
@@ -179,7 +180,8 @@ def open_input(location: str, storage_options: dict[str, Any], timeout_s: float)
 
 def remote_error(location: str, err: BaseException, reading: bool = False) -> KilnError:
     """A network or storage failure as InputError (will fail again) or TransientError (may pass)."""
-    chain, cause = [], err
+    chain: list[BaseException] = []
+    cause: BaseException | None = err
     while cause is not None and len(chain) < 10:
         chain.append(cause)
         cause = cause.__cause__ or cause.__context__
@@ -191,7 +193,8 @@ def remote_error(location: str, err: BaseException, reading: bool = False) -> Ki
             reason = {401: "access denied", 403: "access denied", 404: "not found", 410: "gone"}.get(status, "refused")
             return InputError(f"{location}: {reason} (HTTP {status})")
     names = {type(c).__name__ for c in chain}
-    if any(isinstance(c, TimeoutError) for c in chain) or names & {"ServerTimeoutError", "ReadTimeoutError", "ConnectTimeoutError"}:
+    timeouts = {"ServerTimeoutError", "ReadTimeoutError", "ConnectTimeoutError"}
+    if any(isinstance(c, TimeoutError) for c in chain) or names & timeouts:
         return TransientError(f"{location}: timed out; may pass, retry later")
     if names & {"gaierror", "ClientConnectorDNSError"}:
         return InputError(f"{location}: unreachable (unknown host)")

@@ -60,7 +60,8 @@ _CHUNK_LINE = re.compile(rb"[0-9a-fA-F]{1,8}[ \t]*(?:;[^\r\n]*)?\r?\n")
 
 
 def _dechunk(body: bytes) -> bytes:
-    parts, pos = [], 0
+    parts: list[bytes] = []
+    pos = 0
     while pos < len(body):
         match = _CHUNK_LINE.match(body, pos)
         if not match:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -13,8 +13,14 @@ import pyarrow as pa
 from pipelines.charset import decode_bytes
 from pipelines.common import KilnError
 from pipelines.ingest.config import IngestConfig
-from pipelines.ingest.payload import (HTML_TYPES, SNIFF_TYPES, TooLarge, decode_payload, looks_like_html,
-                                      parse_content_type)
+from pipelines.ingest.payload import (
+    HTML_TYPES,
+    SNIFF_TYPES,
+    TooLarge,
+    decode_payload,
+    looks_like_html,
+    parse_content_type,
+)
 
 SCHEMA = pa.schema([
     ("id", pa.string()),                 # sha256(record id, url)[:32]: same file, same ids
@@ -95,7 +101,8 @@ def document_row(record, kind: str, source: str, offset: int, config: IngestConf
         return "truncated"
     if http is not None:
         try:
-            body = decode_payload(body, http.get("Transfer-Encoding"), http.get("Content-Encoding"), config.max_page_bytes)
+            body = decode_payload(body, http.get("Transfer-Encoding"), http.get("Content-Encoding"),
+                                  config.max_page_bytes)
         except TooLarge:
             return "too_large"
         except ValueError:
@@ -138,7 +145,10 @@ def document_row(record, kind: str, source: str, offset: int, config: IngestConf
 
 
 _WARC_DATE = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?)?\s*(Z|[+-]\d{2}:?\d{2})?", re.IGNORECASE)
+    r"(\d{4})-(\d{2})-(\d{2})"  # date
+    r"(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?)?"  # time, seconds and fraction optional
+    r"\s*(Z|[+-]\d{2}:?\d{2})?",  # zone
+    re.IGNORECASE)
 
 
 def parse_warc_date(value: str | None) -> str | None:
@@ -149,7 +159,7 @@ def parse_warc_date(value: str | None) -> str | None:
     value = value.strip()
     try:
         if re.fullmatch(r"\d{14}", value):  # ARC-style 20080430204825
-            moment = datetime.strptime(value, "%Y%m%d%H%M%S").replace(tzinfo=timezone.utc)
+            moment = datetime.strptime(value, "%Y%m%d%H%M%S").replace(tzinfo=UTC)
         else:
             match = _WARC_DATE.fullmatch(value)
             if not match:
@@ -157,7 +167,7 @@ def parse_warc_date(value: str | None) -> str | None:
             year, month, day, hour, minute, second, fraction, zone = match.groups()
             micro = int((fraction or "0")[:6].ljust(6, "0"))
             moment = datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(second or 0),
-                              micro, tzinfo=timezone.utc)
+                              micro, tzinfo=UTC)
             if zone and zone.upper() != "Z":
                 sign = 1 if zone[0] == "+" else -1
                 digits = zone[1:].replace(":", "")

@@ -137,7 +137,7 @@ class WarcStream:
         self._pos = 0                           # WARC bytes handed out (tell)
         self._produced = 0                      # WARC bytes made so far
         self._segment_end = False
-        self._inflater = None
+        self._inflater: isal_zlib.Decompress | None = None
         self._feed = 4 << 10                    # raw bytes given to the inflater at a time
         self._tail = b""                        # input the inflater has not consumed yet
         self._member_raw = bytearray()          # the current member's raw bytes (its last RESYNC_WINDOW)
@@ -227,6 +227,7 @@ class WarcStream:
         if self._inflater is None and not self._start_member():
             self._segment_end = True
             return b""
+        assert self._inflater is not None  # _start_member made one
         # Small bites for small members (most hold one record of a few KB: what is left over is
         # copied back), growing for big ones.
         data = self._tail or self._take_raw(self._feed)
@@ -237,7 +238,7 @@ class WarcStream:
             self._feed = min(self._feed * 2, 256 << 10)
         try:
             out = self._inflater.decompress(data, READ_CHUNK)
-        except (zlib.error, isal_zlib.error):
+        except (zlib.error, isal_zlib.error):  # type: ignore[misc] # isal's stub: `error: Exception`, an instance
             return self._break_member()
         if self._inflater.eof:
             # unused_data is a suffix of the slice taken from _pending: give it back
@@ -300,7 +301,8 @@ class WarcStream:
                 break  # a gzip header: magic, deflate, no reserved flag bits
             skipped = True
             if at < 0:  # keep 2 bytes: a magic may straddle the end of the chunk
-                self._pending_off = len(self._pending) if self._raw_eof else max(self._pending_off, len(self._pending) - 2)
+                self._pending_off = (len(self._pending) if self._raw_eof
+                                     else max(self._pending_off, len(self._pending) - 2))
             else:
                 self._pending_off = at if at > self._pending_off else at + 1
         self.resyncs += skipped
@@ -314,7 +316,8 @@ class WarcStream:
 # ============================================================== records -> documents
 
 
-def read_documents(raw: RawReader, source: str, config: IngestConfig, counts: dict[str, int]) -> Iterator[dict[str, Any]]:
+def read_documents(raw: RawReader, source: str, config: IngestConfig,
+                   counts: dict[str, int]) -> Iterator[dict[str, Any]]:
     """Rows for the HTML pages (and WET texts) of one crawl file; counts what it skips, by reason.
 
     Every record read is counted once, as a document or under a skip reason (`records =
@@ -328,7 +331,8 @@ def read_documents(raw: RawReader, source: str, config: IngestConfig, counts: di
     gzipped = check_is_warc(raw, source)
     state: dict[str, Any] = {"last": None}
     if not gzipped:
-        records = ArchiveIterator(raw, parse_http=True, quirks_mode=True, auto_decode="none", stream_detect=False)
+        records = ArchiveIterator(raw, parse_http=True, quirks_mode=True, auto_decode="none",  # type: ignore[arg-type]
+                                  stream_detect=False)  # fastwarc reads with read() and tell() only; its stub asks more
         error = yield from _rows(iter(records), lambda position: position, source, config, counts, state)
         if error is None:
             return
@@ -340,8 +344,8 @@ def read_documents(raw: RawReader, source: str, config: IngestConfig, counts: di
     try:
         while True:
             started_at = stream.tell()
-            records = ArchiveIterator(stream, parse_http=True, quirks_mode=True, auto_decode="none",
-                                      stream_detect=False)
+            records = ArchiveIterator(stream, parse_http=True, quirks_mode=True, auto_decode="none",  # type: ignore[arg-type]
+                                      stream_detect=False)  # as above: read() and tell() are enough
             error = yield from _rows(iter(records), stream.raw_offset_of, source, config, counts, state)
             if error is not None:
                 _count_damaged(counts, source, error, raw.tell())

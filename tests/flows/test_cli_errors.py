@@ -80,7 +80,8 @@ def make_read_only():
             return
         mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True)
         if mounted.returncode != 0:
-            pytest.skip(f"running as root, and a read-only mount is not allowed here ({mounted.stderr.decode().strip()})")
+            pytest.skip("running as root, and a read-only mount is not allowed here "
+                        f"({mounted.stderr.decode().strip()})")
         undo.append(lambda: subprocess.run(["umount", str(path)], check=True))
 
     yield read_only

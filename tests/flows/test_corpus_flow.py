@@ -37,7 +37,8 @@ def test_cached_rerun_partial_rerun_and_deleted_artifact(prefect_server, tmp_pat
     assert set(statuses(again).values()) == {"cached"}, "the same command twice recomputes nothing"
     assert again["dedup"]["manifest"]["fingerprint"] == first["dedup"]["manifest"]["fingerprint"]
 
-    stricter = pipeline_flow(until="dedup", config=load_config(overrides=SMALL + ["clean.gopher_quality.min_doc_words=80"]), data_dir=data)
+    stricter_config = load_config(overrides=SMALL + ["clean.gopher_quality.min_doc_words=80"])
+    stricter = pipeline_flow(until="dedup", config=stricter_config, data_dir=data)
     assert statuses(stricter) == {"sample-crawl": "cached", "ingest": "cached", "clean": "built", "dedup": "built"}
 
     store = ArtifactStore(data)
@@ -120,7 +121,8 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     (lambda tmp: "http://127.0.0.1:9/crawl.warc.gz", "127.0.0.1:9"),
     (lambda tmp: (tmp / "notes.warc.gz").write_text("just some notes\n") and str(tmp / "notes.warc.gz"), "not a WARC"),
 ])
-def test_bad_input_is_one_clear_line_and_nothing_visible(prefect_server, tmp_path, monkeypatch, capsys, make_input, reason):
+def test_bad_input_is_one_clear_line_and_nothing_visible(prefect_server, tmp_path, monkeypatch, capsys, make_input,
+                                                         reason):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     bad = make_input(inputs)
@@ -134,7 +136,9 @@ def test_bad_input_is_one_clear_line_and_nothing_visible(prefect_server, tmp_pat
 
 
 def test_bad_config_is_one_clear_line(monkeypatch, capsys, tmp_path):
-    code, err = run_cli(monkeypatch, capsys, "clean", "--data-dir", str(tmp_path), "--set", "clean.no_such_filter.enabled=false")
+    code, err = run_cli(monkeypatch, capsys, "clean", "--data-dir", str(tmp_path),
+                        "--set", "clean.no_such_filter.enabled=false")
     assert code == 2 and "clean.no_such_filter: unknown setting" in err
-    code, err = run_cli(monkeypatch, capsys, "clean", "--data-dir", str(tmp_path), "--config", str(tmp_path / "nope.yaml"))
+    code, err = run_cli(monkeypatch, capsys, "clean", "--data-dir", str(tmp_path),
+                        "--config", str(tmp_path / "nope.yaml"))
     assert code == 2 and "nope.yaml: config file not found" in err

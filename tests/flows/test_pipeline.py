@@ -48,7 +48,8 @@ def test_whole_pipeline_cached_rerun_and_clean_change(prefect_server, tmp_path):
     again = pipeline_flow(config=load_config(overrides=QUICK), data_dir=data)
     assert {run["state"] for run in again.values()} == {"Cached"}, "every stage is a Prefect cache hit"
 
-    changed = pipeline_flow(config=load_config(overrides=QUICK + ["clean.gopher_quality.min_doc_words=60"]), data_dir=data)
+    changed = pipeline_flow(config=load_config(overrides=QUICK + ["clean.gopher_quality.min_doc_words=60"]),
+                            data_dir=data)
     before = ["sample-crawl", "ingest"]
     assert [s for s, status in statuses(changed).items() if status == "cached"] == before, \
         "clean and everything after it reran, nothing before it"
@@ -60,7 +61,8 @@ def run_artifacts(flow_run_id) -> dict[str, str]:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        run_filter = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        found = client.read_artifacts(artifact_filter=run_filter)
     return {a.key: str(a.data) for a in found if a.key}
 
 
@@ -98,7 +100,8 @@ def test_run_killed_during_pretraining_resumes_from_its_checkpoint(tmp_path):
     manifest = ArtifactStore(data).list("pretrain")[0]
     log = ArtifactStore(data).local_path(manifest, "train.log").read_text()
     assert "resumed from step-0000000" in log, "the retry continued from the checkpoint, not from step 0"
-    steps = [json.loads(line)["step"] for line in ArtifactStore(data).local_path(manifest, "metrics.jsonl").read_text().splitlines()]
+    metrics = ArtifactStore(data).local_path(manifest, "metrics.jsonl").read_text()
+    steps = [json.loads(line)["step"] for line in metrics.splitlines()]
     assert steps == list(range(1, 9))
 
 

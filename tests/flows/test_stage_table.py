@@ -68,8 +68,12 @@ def test_the_config_stub_declares_the_table_s_sections():
     imported = {alias.asname or alias.name: f"{node.module}.{alias.name}" for node in ast.walk(stub)
                 if isinstance(node, ast.ImportFrom) for alias in node.names}
     (declared,) = [node for node in stub.body if isinstance(node, ast.ClassDef) and node.name == "KilnConfig"]
-    fields = {node.target.id: ast.unparse(node.annotation) for node in declared.body if isinstance(node, ast.AnnAssign)}
+    declared_fields = [node for node in declared.body if isinstance(node, ast.AnnAssign)]
+    fields = {node.target.id: ast.unparse(node.annotation) for node in declared_fields}
+    defaults = {node.target.id: ast.unparse(node.value) for node in declared_fields if node.value}
     assert list(fields) == list(KilnConfig.model_fields) == ["name", *(e.section for e in TABLE)]
+    assert all(defaults[e.section] == f"Field(default_factory={fields[e.section]})" for e in TABLE), \
+        "every section defaults to its stage's config, as KilnConfig's fields do (mypy reads the defaults)"
     for entry in TABLE:
         config_cls = entry.stage.config_cls
         assert imported[fields[entry.section]] == f"{config_cls.__module__}.{config_cls.__name__}", entry.section
@@ -99,11 +103,10 @@ def checkout_with_a_toy_stage(tmp_path):
     (copy / "pipelines" / "toy.py").write_text(TOY_STAGE)
     table = copy / "flows" / "stages.py"
     before = table.read_text().splitlines()
-    text = table.read_text()
-    last = next(line for line in before if line.strip().startswith('StageEntry("evaluate"'))
-    text = text.replace(last, last + '\n    StageEntry("toy", "pipelines.toy", (), "Count the words of toy.text."),', 1)
-    table.write_text(text)
-    after = text.splitlines()
+    end = before.index(")", before.index("TABLE: tuple[StageEntry, ...] = ("))  # the table's closing line
+    line = '    StageEntry("toy", "pipelines.toy", (), "Count the words of toy.text."),'
+    after = [*before[:end], line, *before[end:]]
+    table.write_text("\n".join(after) + "\n")
     changed = [line for line in after if line not in before]
     assert len(changed) == 1 and len(after) == len(before) + 1, changed  # the table line, nothing else
     return copy

@@ -4,10 +4,10 @@ assistant says (its content and its <|end|>)."""
 
 import json
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pyarrow as pa
 import pytest
-from pydoc_data.topics import topics
 
 from model.chat_format import ChatFormat
 from pipelines import tokenizer as tokenizer_stage

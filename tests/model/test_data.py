@@ -11,8 +11,7 @@ from model.data import TokenShardLoader
 from model.model import IGNORE_INDEX
 from pipelines.pack import STAGE, PackConfig
 from storage import ArtifactStore
-from tests.pipelines.test_pack import (DATA, document_artifact, in_shards, real_documents, rows_of,
-                                       tokenizer_artifact)
+from tests.pipelines.test_pack import DATA, document_artifact, in_shards, real_documents, rows_of, tokenizer_artifact
 
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} is absent")
 BATCH = 8

@@ -275,11 +275,9 @@ def pair_files(chat: ChatFormat, directory: Path, count: int = 20) -> dict[str, 
 
 
 def test_a_precomputed_reference_gives_the_losses_of_the_reference_model(inputs, tmp_path):
-    from model.checkpoint import load_checkpoint
-    from model.parallel import Distributed
-
-    from model.checkpoint import read_config
+    from model.checkpoint import load_checkpoint, read_config
     from model.model import ModelConfig
+    from model.parallel import Distributed
 
     store, trained, tok = inputs
     chat = ChatFormat.from_dir(store.local_path(tok))

@@ -37,7 +37,7 @@ def tree(path: Path) -> dict[str, bytes]:
     return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def test_a_users_directory_and_file_survive_export(gguf_model, tmp_path):
+def test_a_users_directory_and_file_survive_export(gguf_model, tmp_path):  # noqa: F811 - the imported fixture
     _, _, model_dir = gguf_model
     models = tmp_path / "models"
     (models / "mine").mkdir(parents=True)
@@ -63,11 +63,13 @@ def test_a_users_directory_and_file_survive_export(gguf_model, tmp_path):
     # the GGUF writer refuses a file it did not write, in a directory or by name
     gguf = tmp_path / "mine.gguf"
     gguf.write_bytes(b"GGUF but not Kiln's")
-    line = error_line(kiln("export", str(model_dir), "--format", "gguf", "--type", "f32", "-o", str(gguf), "--overwrite"))
+    line = error_line(kiln("export", str(model_dir), "--format", "gguf", "--type", "f32", "-o", str(gguf),
+                           "--overwrite"))
     assert "not a GGUF export Kiln wrote" in line and gguf.read_bytes() == b"GGUF but not Kiln's"
 
 
-def test_an_earlier_export_is_replaced_only_with_overwrite_and_only_its_own_files(gguf_model, tmp_path):
+def test_an_earlier_export_is_replaced_only_with_overwrite_and_only_its_own_files(
+        gguf_model, tmp_path):  # noqa: F811 - the imported fixture
     _, _, model_dir = gguf_model
     empty = tmp_path / "empty"
     empty.mkdir()

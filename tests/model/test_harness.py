@@ -74,8 +74,10 @@ def test_harness_tasks_run_offline_and_agree_with_kiln(tmp_path, monkeypatch):
     passages = [p for p in speeches if len(tokenizer.encode(p).ids) < 60][:24]  # one window each
     # the preference entries whose question and either answer fit the model's 64-token context
     entries = json.loads(PREFERENCES.read_text())
-    fits = [e for e in entries if all(len(tokenizer.encode(f"{e['instruction']}\n{e['input']}\nAnswer: {e[k]}").ids) < 60
-                                      for k in ("chosen", "rejected"))]
+    def tokens(e: dict, answer: str) -> int:
+        return len(tokenizer.encode(f"{e['instruction']}\n{e['input']}\nAnswer: {e[answer]}").ids)
+
+    fits = [e for e in entries if all(tokens(e, k) < 60 for k in ("chosen", "rejected"))]
     assert len(fits) >= 40
     (tmp_path / "tasks").mkdir()
     include = tasks_dir(tmp_path / "tasks", passages, fits)

@@ -11,10 +11,10 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pyarrow as pa
 import pytest
-from pydoc_data.topics import topics
 
 from model import pretrain
 from model.model import ModelShape

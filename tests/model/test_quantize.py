@@ -1,19 +1,36 @@
-"""Quantization: the int8/int4 math, torch's packed kernels against dequantizing, AWQ's rescaling
-keeping the model's function, and the quantize stage on a model trained here on real prose."""
+"""Quantization: the int8/int4 math, torch's packed kernels against dequantizing (a few rows by
+the one, many by the other), AWQ's rescaling keeping the model's function, the quantize stage on a
+model trained here on real prose, and bench/quantize.py's quick mode."""
 
 import copy
+import json
 import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from model import evaluate, quantize
+from model import evaluate, quantization, quantize
 from model.awq import awq_scale, search_clip
 from model.checkpoint import load_checkpoint
-from model.quantization import (QuantizedLinear, fake_quantize_int4, group_size_for, install, pack_int4, quantize_int4, quantize_int8,
-                                unpack_int4)
+from model.quantization import (
+    PACKED_KERNEL_MAX_ROWS,
+    QuantizedLinear,
+    fake_quantize_int4,
+    group_size_for,
+    install,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
 from tests.model.conftest import TRAINED_SHAPE
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_int8_and_int4_stay_within_half_a_step():
@@ -38,7 +55,8 @@ def test_the_packed_cpu_kernels_agree_with_dequantizing(bits):
     reference = linear(x)
     assert linear.kernel == "dequantize"
     assert linear.use_kernel() == ("int8-pack" if bits == 8 else "int4-pack"), "torch 2.13's CPU kernels exist"
-    assert torch.allclose(linear(x), reference, atol=1e-3 * float(reference.abs().max()))
+    assert torch.allclose(linear.packed_matmul(x), reference, atol=1e-3 * float(reference.abs().max()))
+    assert torch.allclose(linear(x[:1]), reference[:1], atol=1e-3 * float(reference.abs().max())), "one row: the kernel"
 
 
 # ------------------------------------------------------------------ a model trained on real prose
@@ -57,6 +75,47 @@ def heldout_rows(store, packed) -> torch.Tensor:
 def perplexity(model, rows: torch.Tensor) -> float:
     _, loss = model.eval()(rows[:, :-1], rows[:, 1:])
     return math.exp(float(loss))
+
+
+@pytest.mark.parametrize("method", quantize.METHODS)
+def test_many_rows_dequantize_for_the_call_and_agree_with_the_packed_kernels(trained, method, monkeypatch):
+    """Evaluation and prefill (many rows) multiply by each weight dequantized for the call, decoding
+    (a few rows) by torch's packed kernel: on a trained model's weights, and on the activations each
+    layer sees in it, the two agree, and the logits are those of the packed kernels alone (what
+    they were) and close to fp32's."""
+    store, artifact, packed, _ = trained
+    model, _ = load_checkpoint(store.local_path(artifact, "model"))
+    rows = heldout_rows(store, packed)[:16, :-1]  # 16 x 64: 1024 rows for every matmul
+    calibration = quantize.calibration_rows(store, packed, CALIBRATION_ROWS) if method == "int4-awq" else None
+    with torch.no_grad():
+        reference = model(rows)[0]
+        quantized = copy.deepcopy(model)
+        kernels = install(quantized, quantize.quantize_model(quantized, method, 128, calibration)[0])
+        assert set(kernels) == ({"int8-pack"} if method == "int8" else {"int4-pack", "int8-pack"}), kernels
+        seen: dict[QuantizedLinear, torch.Tensor] = {}
+
+        def keep(module, args, _output):
+            seen[module] = args[0].reshape(-1, module.in_features)
+
+        hooks = [m.register_forward_hook(keep) for m in quantized.modules() if isinstance(m, QuantizedLinear)]
+        logits = quantized(rows)[0]
+        for hook in hooks:
+            hook.remove()
+        assert len(seen) == 7 * TRAINED_SHAPE["n_layer"] + 1, "every block's linear layers and the head"
+        for layer, x in seen.items():
+            assert x.size(0) > PACKED_KERNEL_MAX_ROWS
+            by_kernel = layer.packed_matmul(x)
+            assert torch.allclose(layer(x), by_kernel, rtol=1e-4, atol=1e-5 * float(by_kernel.abs().max()))
+        monkeypatch.setattr(quantization, "PACKED_KERNEL_MAX_ROWS", rows.numel())
+        by_kernels = quantized(rows)[0]
+        monkeypatch.undo()
+        one_token = quantized(rows[:1, :1])[0]  # one row: the packed kernels
+    scale = float(reference.abs().max())
+    assert float((logits - by_kernels).abs().max()) < 1e-4 * scale
+    assert torch.allclose(one_token[0, 0], logits[0, 0], atol=1e-4 * scale)
+    error = float((logits - reference).abs().mean() / reference.abs().mean())
+    agree = float((logits.argmax(-1) == reference.argmax(-1)).float().mean())
+    assert error < (0.01 if method == "int8" else 0.05) and agree > (0.98 if method == "int8" else 0.9), (error, agree)
 
 
 def test_awq_rescaling_keeps_what_the_model_computes(trained):
@@ -161,3 +220,26 @@ def test_with_activation_outliers_awq_costs_at_most_half_of_rtn(trained):
     rtn, awq = found["int4-rtn"] - reference, found["int4-awq"] - reference
     assert rtn > 0.01 * reference, f"the outliers make round-to-nearest costly: {found}, fp32 {reference}"
     assert awq <= 0.5 * rtn, f"{found}, fp32 {reference}"
+
+
+@pytest.mark.slow
+def test_the_bench_quick_mode(trained, tmp_path):
+    """bench/quantize.py --quick, as the suite runs it, on a copy of the trained model's store:
+    the four models side by side, with the evaluate stage's time against fp32's and the
+    matmul crossover that PACKED_KERNEL_MAX_ROWS is set from (the goals are read in the bench's
+    own output, bench/results/quantize.json, not asserted here)."""
+    store, _, _, _ = trained
+    data, out = tmp_path / "data", tmp_path / "quantize.json"
+    shutil.copytree(store.root, data)
+    command = [sys.executable, "bench/quantize.py", "--quick", "--data-dir", str(data), "--model", "pretrain", "--out",
+               str(out)]
+    done = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert list(result["runs"]) == ["fp32", *quantize.METHODS]
+    for method in quantize.METHODS:
+        assert result["runs"][method]["evaluate"]["seconds"] > 0
+        assert math.isfinite(result["evaluate_vs_fp32"][method]) and result["evaluate_vs_fp32"][method] > 0
+    assert set(result["crossover_rows"]) == {"128", "256"}
+    assert result["packed_kernel_max_rows"] == PACKED_KERNEL_MAX_ROWS
+    assert "quantized evaluate / fp32 evaluate" in done.stdout

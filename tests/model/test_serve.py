@@ -168,7 +168,8 @@ def test_eight_requests_at_once_are_batched_and_answer_as_one_at_a_time(served):
 
     def ask(i):
         if i % 2:
-            return client.chat.completions.create(model="kiln-test", messages=[{"role": "user", "content": f"Item {i}?"}],
+            return client.chat.completions.create(model="kiln-test",
+                                                  messages=[{"role": "user", "content": f"Item {i}?"}],
                                                   max_tokens=12, temperature=0.9, top_p=0.9, seed=i,
                                                   stream=True)
         return client.completions.create(model="kiln-test", prompt=f"Section {i}", max_tokens=16, temperature=0.9,

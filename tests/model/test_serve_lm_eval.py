@@ -94,7 +94,8 @@ def test_lm_eval_local_completions_against_the_server_equals_its_hf_backend(trai
     per_doc = [float(r[0][0]) for s in served["samples"]["kiln_continuations"] for r in s["resps"]]
     hf_doc = [float(r[0][0]) for s in hf["samples"]["kiln_continuations"] for r in s["resps"]]
     assert len(per_doc) == len(pairs) and per_doc == pytest.approx(hf_doc, abs=1e-3), "each document's loglikelihood"
-    assert served["samples"]["kiln_continuations"][0]["arguments"] == hf["samples"]["kiln_continuations"][0]["arguments"]
+    served_first, hf_first = served["samples"]["kiln_continuations"][0], hf["samples"]["kiln_continuations"][0]
+    assert served_first["arguments"] == hf_first["arguments"]
     # the ids scored start with BOS on both sides
     from transformers import AutoTokenizer
 

@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from model import instruction_data, sft
-from model.data import IndexLoader
 from model.chat_format import ChatFormat
 from model.checkpoint import save_checkpoint
+from model.data import IndexLoader
 from model.model import ModelConfig, Transformer
 from model.run_spec import TrainConfig
 from pipelines.tokenizer import ROLE_TOKENS
@@ -112,7 +112,8 @@ def test_alpaca_and_messages_entries_become_conversations(tmp_path):
     write_lines(tmp_path / "b.jsonl", [json.dumps(e) for e in alpaca[:1]] + [json.dumps({"messages": [
         {"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello"},
         {"role": "assistant", "content": "Hello to you."}]})])
-    entries, bad = instruction_data.read_entries(instruction_data.data_files(str(tmp_path)), sft.sft_conversation, "error")
+    entries, bad = instruction_data.read_entries(instruction_data.data_files(str(tmp_path)), sft.sft_conversation,
+                                                 "error")
     assert bad == []
     assert entries[0] == [{"role": "user", "content": "Add the numbers.\n\n2 and 3"},
                           {"role": "assistant", "content": "5"}]

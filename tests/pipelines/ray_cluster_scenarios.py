@@ -114,7 +114,8 @@ def main(work: Path) -> None:
 
     s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     s3.start()
-    endpoint = "http://%s:%d" % s3.get_host_and_port()
+    host, port = s3.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
     os.environ.update(RAY_USAGE_STATS_ENABLED="0", AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
                       AWS_DEFAULT_REGION="us-east-1", FSSPEC_S3_ENDPOINT_URL=endpoint, KILN_NO_PROGRESS="1")
     import boto3

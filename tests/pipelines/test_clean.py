@@ -14,9 +14,9 @@ from datatrove.data import Document
 
 import pipelines.clean as clean
 import pipelines.words as words
-from pipelines.extract import extract
 from pipelines.clean import STAGE, CleanConfig
 from pipelines.common import ConfigError, InputError
+from pipelines.extract import extract
 from storage import ArtifactStore, fingerprint
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"

@@ -15,7 +15,9 @@ def test_sample_crawl_to_dedup_on_s3(s3_bucket):
     assert documents.stats["documents_out"] == 40
     assert 0 < deduped.stats["documents_out"] <= cleaned.stats["documents_out"]
     assert store.problems(deduped, "sha256") == []
-    texts = [t for s in document_shards(deduped) for t in read_shard(store, deduped, s, ["text"]).column("text").to_pylist()]
+    texts = [t for s in document_shards(deduped)
+             for t in read_shard(store, deduped, s, ["text"]).column("text").to_pylist()]
     assert len(texts) == deduped.stats["documents_out"] and all(texts)
     chain = store.lineage(deduped.fingerprint)
-    assert [chain["stage"], chain["inputs"][0]["stage"], chain["inputs"][0]["inputs"][0]["stage"]] == ["dedup", "clean", "ingest"]
+    stages = [chain["stage"], chain["inputs"][0]["stage"], chain["inputs"][0]["inputs"][0]["stage"]]
+    assert stages == ["dedup", "clean", "ingest"]

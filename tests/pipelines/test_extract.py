@@ -113,7 +113,8 @@ def test_article_text_without_boilerplate_or_headline():
         "<html></html>",
         page(""),
         page("<nav><ul><li><a href='/'>Home</a></li><li><a href='/a'>About</a></li></ul></nav>"),
-        page("<div class='menu'><ul>" + "".join(f"<li><a href='/{i}'>Section {i}</a></li>" for i in range(40)) + "</ul></div>"),
+        page("<div class='menu'><ul>" + "".join(f"<li><a href='/{i}'>Section {i}</a></li>" for i in range(40))
+             + "</ul></div>"),
         page("<header><a href='/'>Daily News</a></header><footer>Copyright 2024</footer>"),
         "plain text, no markup at all",
         "\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",
@@ -166,7 +167,7 @@ def test_decode_html_prefers_bom_then_valid_utf8_then_declared():
     assert decode_html("\ufeff<p>é</p>".encode("utf-8")) == "<p>é</p>"
     assert decode_html("<p>é</p>".encode("utf-16")) == "<p>é</p>"
     # mislabelled: declares latin-1, is UTF-8
-    assert "é" in decode_html("<meta charset='iso-8859-1'><p>café</p>".encode("utf-8"))
+    assert "é" in decode_html("<meta charset='iso-8859-1'><p>café</p>".encode())
     # a transport charset (e.g. from an HTTP header) is used when there is no meta
     assert decode_html("<p>Привет</p>".encode("koi8-r"), charset="koi8-r") == "<p>Привет</p>"
 

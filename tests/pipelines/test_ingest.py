@@ -23,8 +23,8 @@ from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
 import pipelines.ingest as ingest_module
-from pipelines.common import InputError, TransientError, document_shards, read_shard
 from pipelines.charset import charset_codecs, decode_text
+from pipelines.common import InputError, TransientError, document_shards, read_shard
 from pipelines.ingest import STAGE, IngestConfig
 from pipelines.ingest.payload import decode_payload
 from pipelines.ingest.records import SCHEMA, SKIP_REASONS, empty_counts, parse_warc_date

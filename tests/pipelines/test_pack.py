@@ -6,12 +6,12 @@ import json
 import random
 from collections import Counter
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pydoc_data.topics import topics
 
 from pipelines.common import InputError, shard_name
 from pipelines.pack import STAGE, PackConfig, is_validation
@@ -226,7 +226,8 @@ def test_shards_read_with_pyarrow_duckdb_and_datasets(corpus, tmp_path):
     root = corpus["store"].local_path(manifest)
     train = sorted(f.path for f in manifest.files_under("train"))
     assert len(train) > 2 and train[0] == "train/00000-0000.parquet"
-    assert all(f.rows == manifest.stats["shards"][f.path]["rows"] for f in manifest.files if f.path.endswith(".parquet"))
+    shards = [f for f in manifest.files if f.path.endswith(".parquet")]
+    assert all(f.rows == manifest.stats["shards"][f.path]["rows"] for f in shards)
     schema = pq.read_schema(root / train[0])
     assert schema.field("tokens").type == pa.list_(pa.uint16(), 65)
     assert pq.ParquetFile(root / train[0]).metadata.row_group(0).column(0).compression == "ZSTD"

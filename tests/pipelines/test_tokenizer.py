@@ -6,17 +6,32 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pyarrow as pa
 import pytest
 from pydantic import ValidationError
-from pydoc_data.topics import topics
 from tokenizers import decoders, pre_tokenizers
 
 from pipelines.common import ConfigError, InputError, shard_name
-from pipelines.tokenizer import (ASSISTANT, BOS, CHAT_TEMPLATE, END_OF_TURN, PAD, SPECIAL_TOKENS, STAGE, SYSTEM,
-                                 TOKENIZER_FILE, USER, TokenizerConfig, encode_documents, load_tokenizer,
-                                 new_tokenizer, render_chat, special_token_ids)
+from pipelines.tokenizer import (
+    ASSISTANT,
+    BOS,
+    CHAT_TEMPLATE,
+    END_OF_TURN,
+    PAD,
+    SPECIAL_TOKENS,
+    STAGE,
+    SYSTEM,
+    TOKENIZER_FILE,
+    USER,
+    TokenizerConfig,
+    encode_documents,
+    load_tokenizer,
+    new_tokenizer,
+    render_chat,
+    special_token_ids,
+)
 from storage import ArtifactStore
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"

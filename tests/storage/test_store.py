@@ -107,7 +107,8 @@ def test_find_and_lineage(tmp_path):
     store = ArtifactStore(tmp_path)
     root = store.produce("ingest", "1" * 64, lambda w: w.sources.append({"url": "crawl.warc.gz"}) or {},
                          config={}, inputs=[], code_version="1")
-    child = store.produce("clean", "2" * 64, build_two_files, config={"t": 1}, inputs=[root.fingerprint], code_version="1")
+    child = store.produce("clean", "2" * 64, build_two_files, config={"t": 1}, inputs=[root.fingerprint],
+                          code_version="1")
     assert store.find("222222").fingerprint == child.fingerprint
     tree = store.lineage(child.fingerprint[:8])
     assert tree["stage"] == "clean"
