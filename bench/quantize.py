@@ -123,39 +123,13 @@ def measure(data: Path, fingerprint: str, stage: str, pack_fp: str, tok_fp: str,
 def train_here(root: Path, quick: bool) -> None:
     """A tokenizer, a pack and a pretrain artifact in a fresh store at `root` (the `trained`
     fixture's recipe; `kiln run`'s tiny shape unless `quick`)."""
-    import torch
-
-    from model.checkpoint import save_checkpoint
-    from model.data import TokenShardLoader
-    from model.model import ModelConfig, Transformer
-    from pipelines import pack, tokenizer
+    from bench._trained import train_pretrain_artifact
     from storage import ArtifactStore
-    from tests.model.test_pretrain import documents_artifact
 
-    store = ArtifactStore(root)
-    documents = documents_artifact(store)
     seq_len, layers, vocab, steps = (64, 2, 512, 60) if quick else (128, 4, 2048, 400)
-    tok = tokenizer.STAGE.run(tokenizer.TokenizerConfig(vocab_size=vocab), [documents], store)
-    packed = pack.STAGE.run(pack.PackConfig(seq_len=seq_len, val_fraction=0.1, workers=1), [documents, tok], store)
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=tok.stats["vocab_size"], seq_len=seq_len, n_layer=layers, n_head=4, n_kv_head=4,
-                         d_model=128)
-    model = Transformer(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    loader = iter(TokenShardLoader(store, packed, "train", batch_size=16, seed=0))
-    model.train()
-    for _ in range(steps):
-        inputs, targets = next(loader)
-        _, loss = model(inputs, targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    def build(writer):
-        save_checkpoint(writer.local_path("model"), model, config, store.local_path(tok))
-        return {"steps": steps}
-
-    store.produce("pretrain", "b" * 64, build, config={}, inputs=[packed.fingerprint], code_version="1")
+    shape = dict(n_layer=layers, n_head=4, n_kv_head=4, d_model=128)
+    train_pretrain_artifact(ArtifactStore(root), seq_len=seq_len, vocab_size=vocab, shape=shape, steps=steps,
+                            fingerprint="b" * 64)
 
 
 def evaluate_settings(model: str, quick: bool):

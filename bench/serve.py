@@ -43,36 +43,15 @@ PROMPTS = ["The module", "A function that", "Return the", "In Python, a class", 
 
 def train_model(root: Path, quick: bool) -> Path:
     """A small model trained here (the `trained` fixture's recipe); returns its checkpoint dir."""
-    import torch
-
-    from model.checkpoint import save_checkpoint
-    from model.data import TokenShardLoader
-    from model.model import ModelConfig, Transformer
-    from pipelines import pack, tokenizer
+    from bench._trained import train_pretrain_artifact
     from storage import ArtifactStore
-    from tests.model.test_pretrain import documents_artifact
 
     store = ArtifactStore(root)
-    documents = documents_artifact(store)
-    seq_len, shape, steps = (64, dict(n_layer=2, n_head=4, n_kv_head=4, d_model=128), 60) if quick else \
-        (128, dict(n_layer=4, n_head=4, n_kv_head=4, d_model=128), 400)
-    tok = tokenizer.STAGE.run(tokenizer.TokenizerConfig(vocab_size=512 if quick else 2048), [documents], store)
-    packed = pack.STAGE.run(pack.PackConfig(seq_len=seq_len, val_fraction=0.1, workers=1), [documents, tok], store)
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=tok.stats["vocab_size"], seq_len=seq_len, **shape)
-    model = Transformer(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    loader = iter(TokenShardLoader(store, packed, "train", batch_size=16, seed=0))
-    model.train()
-    for _ in range(steps):
-        inputs, targets = next(loader)
-        _, loss = model(inputs, targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    out = root / "bench-model"
-    save_checkpoint(out, model, config, store.local_path(tok))
-    return out
+    seq_len, layers, vocab, steps = (64, 2, 512, 60) if quick else (128, 4, 2048, 400)
+    shape = dict(n_layer=layers, n_head=4, n_kv_head=4, d_model=128)
+    artifact, _, _ = train_pretrain_artifact(store, seq_len=seq_len, vocab_size=vocab, shape=shape, steps=steps,
+                                             fingerprint="b" * 64)
+    return store.local_path(artifact, "model")
 
 
 def find_model(args, scratch: Path) -> tuple[Path, str]:
