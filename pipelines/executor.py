@@ -9,6 +9,10 @@ again elsewhere (Ray's task retries), so a stage completes on the nodes that are
 is done only when its output file is committed; a stage that is run again skips those, so it
 resumes with any number of workers or nodes.
 
+A local pool costs ~0.4 s to start (its forkserver imports the units' module first): dedup's
+executor runs units in the calling process meanwhile, and starts no pool for work shorter than
+that (`LocalExecutor(caller_helps=True)`).
+
 The executor is a runtime setting (`executor`, `ray_address`, `workers` of a stage's config):
 it is not part of any fingerprint, so the same artifact is built, and cached, wherever it ran.
 """
@@ -21,6 +25,7 @@ import multiprocessing
 import os
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -101,25 +106,66 @@ def _take_environment(environment: dict[str, str]) -> None:
     fsspec.config.set_conf_env(fsspec.config.conf)
 
 
+def _started() -> None:
+    """The first unit a helped pool runs: its workers are up."""
+
+
+class _PoolStart:
+    """A pool starting on a thread of its own; `ready` once it has run a unit (or failed)."""
+
+    def __init__(self, make: Callable[[], ProcessPoolExecutor]):
+        self.ready = threading.Event()
+        self.pool: ProcessPoolExecutor | None = None
+        self.error: BaseException | None = None
+        threading.Thread(target=self._start, args=(make,), name="kiln-pool-start", daemon=True).start()
+
+    def _start(self, make) -> None:
+        try:
+            pool = make()
+            pool.submit(_started).result()
+            self.pool = pool
+        except BaseException as err:  # noqa: BLE001 - handed to the calling thread
+            self.error = err
+        finally:
+            self.ready.set()
+
+
 class LocalExecutor(Executor):
     """A pool of worker processes on this machine, kept for every `map` until `close` (a stage's
-    phases, dedup's five, pay for starting workers once). Forkserver: the caller may be a Prefect
-    worker with threads running, and forking a threaded process can deadlock."""
+    phases, dedup's four, pay for starting workers once). Forkserver: the caller may be a Prefect
+    worker with threads running, and forking a threaded process can deadlock.
+
+    `caller_helps=True`, for a stage whose first phase is where its time goes (dedup: the
+    signatures): the calling process runs that phase's first unit itself, and the pool is
+    started (on a thread of its own) only if the units left would keep the caller busy for
+    longer than starting it takes (`START_SECONDS`: the forkserver first imports the unit's
+    module, numpy and pyarrow for dedup); until the workers are up the caller goes on running
+    units, then the workers take the rest. Without a pool after the first phase, the later ones
+    run in the caller too: a small corpus is done before processes would be up."""
 
     name = "local"
+    START_SECONDS = 0.5
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, caller_helps: bool = False):
         super().__init__()
         self.workers = workers
+        self.caller_helps = caller_helps
         self._pool: ProcessPoolExecutor | None = None
+        self._start: _PoolStart | None = None
+        self._inline = False  # caller_helps: the first phase found a pool not worth starting
+
+    @staticmethod
+    def _forkserver(fn: Callable):
+        context = multiprocessing.get_context("forkserver")
+        # Workers fork from a server that has already imported the unit's module (and pyarrow,
+        # trafilatura, ... with it), instead of importing them again in every worker. (The list
+        # counts when the server starts: the first pool of this process.)
+        context.set_forkserver_preload([fn.__module__])
+        return context
 
     def _workers(self, fn: Callable) -> ProcessPoolExecutor:
         if self._pool is None:
-            context = multiprocessing.get_context("forkserver")
-            # Workers fork from a server that has already imported the unit's module (and pyarrow,
-            # trafilatura, ... with it), instead of importing them again in every worker.
-            context.set_forkserver_preload([fn.__module__])
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context,
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=self._forkserver(fn),
                                              initializer=_take_environment, initargs=(dict(os.environ),))
         return self._pool
 
@@ -128,9 +174,12 @@ class LocalExecutor(Executor):
         node = _this_node()
         if items:
             self.nodes.add(node)
-        if self.workers <= 1 or len(items) <= 1:
+        if self.workers <= 1 or len(items) <= 1 or self._inline:
             for item in items:
                 yield fn(item), node
+            return
+        if self.caller_helps and (self._start is None or not self._start.ready.is_set()):
+            yield from self._helped(fn, items, node)
             return
         pool = self._workers(fn)
         try:
@@ -143,7 +192,89 @@ class LocalExecutor(Executor):
             self.close(cancel=True)  # fail fast: don't finish the other items first
             raise
 
+    def _helped(self, fn, items, node):
+        """`map` while the pool starts: the caller takes items from the front until the workers
+        are up, and a thread then hands the rest to them; results in the items' order as ever."""
+        outcome: dict[int, tuple[bool, Any]] = {}   # item -> (ok, (result, what it wrote) or the error)
+        if self._start is None:
+            from multiprocessing import forkserver
+
+            self._forkserver(fn)
+            forkserver.ensure_running()  # its imports on another core while this one runs the first unit
+            began = time.perf_counter()
+            outcome[0] = (True, (fn(items[0]), {}))
+            if (time.perf_counter() - began) * (len(items) - 1) < self.START_SECONDS:
+                self._inline = True
+                yield outcome[0][1][0], node
+                for item in items[1:]:  # less work than starting the pool takes: all of it here
+                    yield fn(item), node
+                return
+            self._start = _PoolStart(lambda: self._workers(fn))
+        start = self._start
+        waiting = deque(i for i in range(len(items)) if i not in outcome)
+        changed = threading.Condition()
+        futures = []
+
+        def finished(i: int, future) -> None:
+            error = future.exception()
+            with changed:
+                outcome[i] = (error is None, future.result() if error is None else error)
+                changed.notify_all()
+
+        def hand_over() -> None:
+            start.ready.wait()
+            pool = start.pool
+            if pool is None:  # it failed to start: the caller raises its error
+                return
+            with changed:
+                rest = list(waiting)
+                waiting.clear()
+            for i in rest:
+                future = pool.submit(functools.partial(_in_a_worker, fn), items[i])
+                futures.append(future)
+                future.add_done_callback(functools.partial(finished, i))
+
+        threading.Thread(target=hand_over, name="kiln-hand-over", daemon=True).start()
+        following = 0  # the next result to yield
+        try:
+            while following < len(items):
+                mine = None
+                with changed:
+                    if following in outcome:
+                        ok, value = outcome.pop(following)
+                    elif start.ready.is_set() and start.error is not None:
+                        raise start.error
+                    elif waiting and not start.ready.is_set():
+                        mine = waiting.popleft()
+                    else:
+                        changed.wait(0.05)
+                        continue
+                if mine is not None:  # run here: what it writes is recorded in this process
+                    value = (fn(items[mine]), {})
+                    with changed:
+                        outcome[mine] = (True, value)
+                    continue
+                if not ok:
+                    raise value
+                result, written = value
+                add_written(written)
+                yield result, node
+                following += 1
+        except GeneratorExit:
+            raise
+        except BaseException:
+            with changed:
+                waiting.clear()
+            for future in futures:
+                future.cancel()
+            self.close(cancel=True)
+            raise
+
     def close(self, cancel: bool = False) -> None:
+        if self._start is not None:
+            self._start.ready.wait()  # a pool still starting is shut down once up, not left behind
+            self._start = None
+        self._inline = False
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=cancel)
             self._pool = None

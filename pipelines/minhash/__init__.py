@@ -3,9 +3,11 @@
 All vectorised over batches of documents: normalised words -> word 5-gram shingle hashes
 (`shingles`) -> MinHash signatures (`signatures`) -> LSH bands, candidate pairs verified on the
 full signatures, union-find whose root is always the lowest document index, i.e. the document
-kept (`lsh`). `deduplicator` drives it over a corpus with bounded memory (scratch files in
-`files`, one band in memory at a time), optionally against the signature index of an earlier
-corpus (`index`); `config` holds the settings, `hashing` the deterministic mixers.
+kept (`lsh`). `units` are the dedup stage's units of work over a corpus (pipelines/dedup.py
+runs them), optionally against the signature index of an earlier corpus (`index`);
+`deduplicator` is the same in one process, the reference the tests hold the stage to
+(tests/pipelines/test_dedup.py: the same documents kept, the same index bytes). `files` reads
+and writes `.npy` rows, `config` holds the settings, `hashing` the deterministic mixers.
 
 Everything is deterministic across processes and machines (no Python ``hash()``, no numpy RNG
 streams): constants come from splitmix64. The only environment dependence is the Unicode
@@ -21,9 +23,16 @@ from pipelines.minhash.config import HASH_SCHEME, IndexConfigError, MinHashConfi
 from pipelines.minhash.deduplicator import DedupResult, MinHashDeduplicator, deduplicate
 from pipelines.minhash.index import SignatureIndex
 from pipelines.minhash.lsh import band_hashes, candidate_pairs, cluster_signatures, estimate_jaccard
-from pipelines.minhash.shingles import (exact_duplicates, exact_hash, exact_hashes, normalize_text,
-                                        reference_shingle_hashes, shingle_hashes, shingle_hashes_batch,
-                                        word_shingles)
+from pipelines.minhash.shingles import (
+                                        exact_duplicates,
+                                        exact_hash,
+                                        exact_hashes,
+                                        normalize_text,
+                                        reference_shingle_hashes,
+                                        shingle_hashes,
+                                        shingle_hashes_batch,
+                                        word_shingles,
+)
 from pipelines.minhash.signatures import MinHasher
 
 __all__ = [

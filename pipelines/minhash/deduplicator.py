@@ -1,4 +1,8 @@
-"""The dedup driver: streaming exact + near-duplicate removal with bounded memory.
+"""Exact + near-duplicate removal in one process, with bounded memory: the reference for the
+dedup stage, which runs the same steps as units of work (pipelines/minhash/units.py) and must
+keep the same documents and write the same index bytes (tests/pipelines/test_dedup.py); the
+tests of the MinHash rules themselves run on it (tests/pipelines/test_minhash.py). `kiln dedup`
+does not use it.
 
 ``add()`` batches of texts; signatures go to a ``.npy`` and band hashes to one spill file per
 band. ``finalize()`` drops exact duplicates, then takes one band at a time (sort, candidates,
@@ -10,9 +14,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -113,7 +117,7 @@ class MinHashDeduplicator:
         self.num_docs = 0
         self.result: DedupResult | None = None
 
-    def __enter__(self) -> "MinHashDeduplicator":
+    def __enter__(self) -> MinHashDeduplicator:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -176,8 +180,8 @@ class MinHashDeduplicator:
         # 1. exact duplicates
         first_occ = arange.copy()
         ex_index = np.zeros(n, dtype=bool)
-        if self.exact and n:
-            eh = self.exact_hashes
+        eh = self.exact_hashes
+        if eh is not None and n:
             self._exact_parts = [eh]
             _, first, inverse = np.unique(eh, return_index=True, return_inverse=True)
             first_occ = np.where(eh != 0, first[inverse], arange)

@@ -40,7 +40,8 @@ class NpyAppender:
         header = io.BytesIO()
         np.lib.format.write_array_header_1_0(
             header,
-            {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (self.rows, self.ncols)},
+            {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+             "shape": (self.rows, self.ncols)},
         )
         raw = header.getvalue()
         if len(raw) != _NPY_HEADER_BYTES:  # pragma: no cover - only for absurd row counts
@@ -82,42 +83,58 @@ class BandSpill:
 class NpyRows:
     """Rows of a `.npy` file read on demand through fsspec, local or remote: the header once, then
     only the rows asked for (`rows[ids]`, ids ascending or not), or one row of a 2-D array
-    (`row(b)`: a band of a band-major file). Nothing is pickled."""
+    (`row(b)`: a band of a band-major file). A local file is memory-mapped; from an object store,
+    runs of wanted rows less than `GAP_ROWS` apart are one ranged read. Nothing is pickled."""
+
+    GAP_ROWS = 64
 
     def __init__(self, fs, path: str):
         self.fs, self.path = fs, path
-        with fs.open(path, "rb") as handle:
-            version = np.lib.format.read_magic(handle)
-            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = reader(handle)
-            self.offset = handle.tell()
+        self._mapped = None
+        if _is_local(fs):
+            self._mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+            shape, fortran, dtype = self._mapped.shape, False, self._mapped.dtype  # a mapping reads either order
+            self.offset = int(self._mapped.offset)
+        else:
+            with fs.open(path, "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                          else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = reader(handle)
+                self.offset = handle.tell()
         if fortran:
             raise ValueError(f"{path}: a Fortran-ordered array")
-        self.shape, self.dtype = shape, np.dtype(dtype)
-        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def row(self, index: int) -> np.ndarray:
+        if self._mapped is not None:
+            return np.array(self._mapped[index])
         return self[np.array([index])][0]
 
     def __getitem__(self, ids) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
+        if self._mapped is not None:
+            return self._mapped[ids]
         out = np.empty((len(ids), *self.shape[1:]), dtype=self.dtype)
         if not len(ids):
             return out
         order = np.argsort(ids, kind="stable")
         wanted = ids[order]
-        # runs of consecutive rows are one read each
-        runs = np.split(wanted, np.flatnonzero(np.diff(wanted) > 1) + 1)
+        # runs of nearby rows are one read each
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(wanted) > self.GAP_ROWS) + 1, [len(wanted)]])
         with self.fs.open(self.path, "rb") as handle:
-            position = 0
-            for run in runs:
-                first, count = int(run[0]), int(run[-1] - run[0] + 1)
+            for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
+                first, count = int(wanted[a]), int(wanted[b - 1] - wanted[a] + 1)
                 handle.seek(self.offset + first * self.row_bytes)
                 block = np.frombuffer(handle.read(count * self.row_bytes), dtype=self.dtype)
-                block = block.reshape(count, *self.shape[1:])
-                out[order[position:position + len(run)]] = block[run - first]
-                position += len(run)
+                out[order[a:b]] = block.reshape(count, *self.shape[1:])[wanted[a:b] - first]
         return out
+
+
+def _is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol

@@ -31,8 +31,27 @@ from pipelines.minhash.lsh import band_hashes, indexed_matches, required_matches
 from pipelines.minhash.signatures import SIGNATURE_DTYPE, nonempty
 from storage import atomic_dir
 
-_FORMAT = "kiln-minhash-index"
-_FORMAT_VERSION = 1
+FORMAT = "kiln-minhash-index"
+FORMAT_VERSION = 1
+
+
+def index_header(config: MinHashConfig, num_docs: int, has_exact: bool) -> dict:
+    """`header.json` of an index (SignatureIndex.write and the dedup stage write it)."""
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "config": config.signature_fields(),
+        "num_docs": num_docs,
+        "num_hashes": config.num_hashes,
+        "signature_dtype": "uint32",
+        "band_hash_dtype": "uint64",
+        "unicode_version": unicodedata.unidata_version,
+        "has_exact": has_exact,
+    }
+
+
+def header_bytes(header: dict) -> bytes:
+    return (json.dumps(header, indent=2, sort_keys=True) + "\n").encode()
 
 
 class SignatureIndex:
@@ -48,12 +67,12 @@ class SignatureIndex:
         self.config = config
         self.num_docs = int(header["num_docs"])
         self.has_exact = bool(header.get("has_exact", False))
-        self._signatures = None
-        self._exact = None
+        self._signatures: np.ndarray | None = None
+        self._exact: np.ndarray | None = None
 
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike, config: MinHashConfig | None = None) -> "SignatureIndex":
+    def load(cls, path: str | os.PathLike, config: MinHashConfig | None = None) -> SignatureIndex:
         """Open an index; raises :class:`IndexConfigError` if it was built with other parameters.
 
         ``config`` (default: the index's own parameters) supplies the ``similarity_threshold``
@@ -65,9 +84,9 @@ class SignatureIndex:
         if not header_path.is_file():
             raise FileNotFoundError(f"no signature index at {path} (missing header.json)")
         header = json.loads(header_path.read_text())
-        if header.get("format") != _FORMAT or header.get("version") != _FORMAT_VERSION:
+        if header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION:
             raise IndexConfigError(
-                f"{path}: not a {_FORMAT} v{_FORMAT_VERSION} index "
+                f"{path}: not a {FORMAT} v{FORMAT_VERSION} index "
                 f"(format={header.get('format')!r}, version={header.get('version')!r})"
             )
         stored = header["config"]
@@ -153,11 +172,11 @@ class SignatureIndex:
         config: MinHashConfig,
         signatures: np.ndarray,
         exact_hashes: np.ndarray | None = None,
-        base: "SignatureIndex | None" = None,
+        base: SignatureIndex | None = None,
         rows: np.ndarray | None = None,
         overwrite: bool = False,
         chunk_docs: int = 1 << 16,
-    ) -> "SignatureIndex":
+    ) -> SignatureIndex:
         """Write an index of ``base``'s documents (if any) followed by the given documents.
 
         ``signatures`` may be a memory-mapped array; ``rows`` optionally selects the documents
@@ -212,21 +231,11 @@ class SignatureIndex:
             if has_exact:
                 new = np.asarray(exact_hashes, dtype=U64)[rows]
                 merged = np.unique(new[new != 0])
-                if base is not None and len(base.exact_hashes):
-                    merged = np.union1d(np.asarray(base.exact_hashes), merged)
+                known = base.exact_hashes if base is not None else None
+                if known is not None and len(known):
+                    merged = np.union1d(np.asarray(known), merged)
                 np.save(tmp / "exact_hashes.npy", merged.astype(U64), allow_pickle=False)
-            header = {
-                "format": _FORMAT,
-                "version": _FORMAT_VERSION,
-                "config": config.signature_fields(),
-                "num_docs": n_total,
-                "num_hashes": k,
-                "signature_dtype": "uint32",
-                "band_hash_dtype": "uint64",
-                "unicode_version": unicodedata.unidata_version,
-                "has_exact": has_exact,
-            }
-            (tmp / "header.json").write_text(json.dumps(header, indent=2, sort_keys=True) + "\n")
+            (tmp / "header.json").write_bytes(header_bytes(index_header(config, n_total, has_exact)))
 
         atomic_dir(path, fill)
         return cls.load(path, config)

@@ -4,7 +4,9 @@
    (``Cf``) removed, punctuation, symbols, separators and control characters turned into word
    breaks, whitespace collapsed, optionally every run of decimal digits replaced by ``0``.
    :func:`normalize_text` is the readable reference; the batch path does the same per code
-   point in numpy (a 1.1 M-entry class table) and is tested to agree with it.
+   point in numpy (class and lowercase tables filled in as code points are met; texts are
+   batched by encoding, ASCII, all in the BMP or neither, so that str.lower(), slow outside
+   ASCII and holding the GIL, is needed only for the last) and is tested to agree with it.
 2. **Shingles**: word n-grams; a document with fewer than ``n`` words gives one shingle of all
    its words, a document without words none.
 3. **Shingle hashes** (64 bit): a polynomial hash of every word's code points (one prefix sum
@@ -16,9 +18,10 @@ from __future__ import annotations
 
 import re
 import sys
+import threading
 import unicodedata
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from typing import Iterable, Sequence
 
 import numpy as np
 import xxhash
@@ -61,24 +64,83 @@ _WORD, _DIGIT, _SPACE, _DECSEP, _DELETE = 0, 1, 2, 3, 4
 _DECIMAL_SEPARATORS = ".,\u060c\u066b"
 
 
+def _class_of(code_point: int) -> int:
+    ch = chr(code_point)
+    if ch in _DECIMAL_SEPARATORS:
+        return _DECSEP
+    c = unicodedata.category(ch)
+    if c[0] in "PSZ" or c == "Cc" or ch.isspace():
+        return _SPACE
+    if c == "Cf":
+        return _DELETE
+    if c == "Nd":
+        return _DIGIT
+    return _WORD
+
+
 @lru_cache(maxsize=1)
 def _char_classes() -> np.ndarray:
-    """Class of every code point: word / decimal digit / break / decimal separator / delete."""
-    cat = unicodedata.category
-    table = np.zeros(sys.maxunicode + 1, dtype=np.uint8)
-    for i in range(sys.maxunicode + 1):
-        ch = chr(i)
-        c = cat(ch)
-        if c[0] in "PSZ" or c == "Cc" or ch.isspace():
-            table[i] = _SPACE
-        elif c == "Cf":
-            table[i] = _DELETE
-        elif c == "Nd":
-            table[i] = _DIGIT
-    for ch in _DECIMAL_SEPARATORS:
-        table[ord(ch)] = _DECSEP
+    """Class of every code point: word / decimal digit / break / decimal separator / delete
+    (the reference path's table; the batch path fills in :data:`_CLASSES` as it meets them)."""
+    table = np.fromiter(map(_class_of, range(sys.maxunicode + 1)), dtype=np.uint8, count=sys.maxunicode + 1)
     table.setflags(write=False)
     return table
+
+
+class _LazyTable:
+    """`fn` of every index below `size`, looked up in a table filled in as indices are first
+    met: a text uses a few hundred of the 1.1 M code points, and building a whole table cost
+    every process of the dedup stage 0.2-0.5 s before it hashed anything."""
+
+    def __init__(self, size: int, dtype, unknown: int, fn, first: int = 256) -> None:
+        self.table = np.full(size, unknown, dtype=dtype)
+        self.unknown, self.fn = unknown, fn
+        self.lock = threading.Lock()
+        self._learn(np.arange(min(first, size)))
+
+    def _learn(self, indices: np.ndarray) -> None:
+        with self.lock:
+            self.table[indices] = np.fromiter(map(self.fn, indices.tolist()), dtype=self.table.dtype,
+                                              count=len(indices))
+
+    def __call__(self, index: np.ndarray, table: np.ndarray | None = None) -> np.ndarray:
+        table = self.table if table is None else table
+        out = np.take(table, index)
+        if len(out) and int(out.max()) == self.unknown:
+            self._learn(np.unique(index[out == self.unknown]))
+            out = np.take(table, index)
+        return out
+
+
+class _ClassTable(_LazyTable):
+    """:func:`_class_of` of every code point; the Basic Multilingual Plane's part (64 KiB) stays
+    in cache and is indexed by 16-bit code points."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.maxunicode + 1, np.uint8, 255, _class_of)
+        self.bmp = self.table[:1 << 16]  # a view: filled together
+
+    def __call__(self, cps: np.ndarray) -> np.ndarray:  # type: ignore[override]
+        """uint8 classes of code points (uint32; uint8 or uint16 ones are in the BMP)."""
+        if cps.dtype.itemsize < 4:
+            return super().__call__(cps, self.bmp)
+        if len(cps) and int(cps.max()) < (1 << 16):
+            return super().__call__(cps.astype(np.uint16), self.bmp)
+        return super().__call__(cps)
+
+
+_SPECIAL = 0xFFFFFFFE  # a code unit str.lower() maps by context (capital sigma) or to several characters
+
+
+def _lower_unit(unit: int) -> int:
+    lowered = chr(unit).lower()
+    if unit == 0x3A3 or len(lowered) != 1 or ord(lowered) >= 1 << 16:
+        return _SPECIAL
+    return ord(lowered)
+
+
+_CLASSES = _ClassTable()
+_LOWER_BMP = _LazyTable(1 << 16, np.uint32, 0xFFFFFFFF, _lower_unit)  # str.lower of one UTF-16 code unit
 
 
 @lru_cache(maxsize=1)
@@ -156,41 +218,80 @@ class _Batch:
         self.n_docs = n_docs
 
 
-def prepare_batch(texts: Sequence[str], normalize_digits: bool) -> _Batch:
+def _lowered_code_points(texts: Sequence[str], utf16: list[bytes] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The code points of the lowercased texts, joined by "\\n" (a word break: no word spans two
+    documents): uint32 ones for the hashes, and the narrowest array of them for the classes.
+
+    str.lower() is fast on ASCII and slow elsewhere (4 ns a character), and holds the GIL: texts
+    whose characters are all in the BMP (`utf16`: their UTF-16 encodings, one code unit each) are
+    lowercased one code unit at a time in numpy instead, unless one of them has a character that
+    str.lower() maps by its context (capital sigma) or to several characters (dotted capital I)."""
+    if utf16 is None and all(t.isascii() for t in texts):
+        units = np.frombuffer("\n".join(texts).lower().encode("ascii"), dtype=np.uint8)
+        return units.astype(np.uint32), units
+    if utf16 is not None:
+        lowered = _LOWER_BMP(np.frombuffer(b"\n\x00".join(utf16), dtype=np.uint16))
+        if not len(lowered) or int(lowered.max()) < _SPECIAL:
+            return lowered, lowered.astype(np.uint16)
+    cps = np.frombuffer("\n".join([t.lower() for t in texts]).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    return cps, cps
+
+
+def split_by_encoding(texts: Sequence[str]) -> list[tuple[np.ndarray, list[bytes] | None]]:
+    """The positions of the ASCII texts, of those all in the BMP (with their UTF-16 encodings),
+    and of the others: batches of one kind take the fast paths of :func:`_lowered_code_points`."""
+    ascii_, bmp, other, utf16 = [], [], [], []
+    for i, t in enumerate(texts):
+        if t.isascii():
+            ascii_.append(i)
+            continue
+        encoded = t.encode("utf-16-le", "surrogatepass")
+        if len(encoded) == 2 * len(t) and "\u03a3" not in t and "\u0130" not in t:
+            bmp.append(i)
+            utf16.append(encoded)
+        else:
+            other.append(i)
+    groups = [(np.array(ascii_, dtype=np.int64), None), (np.array(bmp, dtype=np.int64), utf16),
+              (np.array(other, dtype=np.int64), None)]
+    return [(positions, encoded) for positions, encoded in groups if len(positions)]
+
+
+def prepare_batch(texts: Sequence[str], normalize_digits: bool, utf16: list[bytes] | None = None) -> _Batch:
     n_docs = len(texts)
-    lowered = [t.lower() for t in texts]
-    lens = np.fromiter(map(len, lowered), dtype=np.int64, count=n_docs)
-    # "\n" (a word break) between documents: no word spans two documents
-    big = "\n".join(lowered)
-    cps = np.frombuffer(big.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    cps, narrow = _lowered_code_points(texts, utf16)
     n = len(cps)
+    lens = np.fromiter(map(len, texts), dtype=np.int64, count=n_docs)  # lowercasing keeps lengths...
+    if n != lens.sum() + max(n_docs - 1, 0):  # ... but for a dotted capital I
+        lens = np.fromiter((len(t.lower()) for t in texts), dtype=np.int64, count=n_docs)
     doc_start = np.zeros(n_docs + 1, dtype=np.int64)
     np.cumsum(lens + 1, out=doc_start[1:])
     doc_start[n_docs] = n
-    cls = np.take(_char_classes(), cps)
+    cls = _CLASSES(narrow)
 
     # format characters are deleted (rare: an extra pass only when present)
-    special = np.flatnonzero(cls >= _DECSEP)
-    dele = special[cls[special] == _DELETE]
-    if len(dele):
-        cps, cls = np.delete(cps, dele), np.delete(cls, dele)
-        doc_start -= np.searchsorted(dele, doc_start)
+    if n and int(cls.max()) == _DELETE:
+        gone = cls == _DELETE
+        doc_start -= np.searchsorted(np.flatnonzero(gone), doc_start)
+        cps, cls = cps[~gone], cls[~gone]
         n = len(cps)
-        special = np.flatnonzero(cls >= _DECSEP)
     word = cls <= _DIGIT
-    if normalize_digits:
-        digits = np.flatnonzero(cls == _DIGIT)
-        if len(digits):
-            seps = special[(special > 0) & (special < n - 1)]  # only separators are left
-            seps = seps[(cls[seps - 1] == _DIGIT) & (cls[seps + 1] == _DIGIT)]
-            run = np.union1d(digits, seps) if len(seps) else digits
-            cps = cps.copy()
-            cps[run] = 48  # "0"
-            word[seps] = True
-            drop = run[1:][np.diff(run) == 1]  # every run keeps its first character only
-            if len(drop):
-                cps, word = np.delete(cps, drop), np.delete(word, drop)
-                doc_start -= np.searchsorted(drop, doc_start)
+    if normalize_digits and n:
+        digit = cls == _DIGIT
+        if digit.any():
+            # a decimal separator between two digits is part of the number; a number is one "0"
+            run = digit.copy()
+            sep = cls[1:-1] == _DECSEP
+            sep &= digit[:-2]
+            sep &= digit[2:]
+            run[1:-1] |= sep
+            word[1:-1] |= sep
+            cps = np.where(run, np.uint32(48), cps)
+            later = run[1:] & run[:-1]  # every run keeps its first character only
+            if later.any():
+                keep = np.ones(n, dtype=bool)
+                keep[1:] = ~later
+                doc_start -= np.searchsorted(np.flatnonzero(later) + 1, doc_start)
+                cps, word = cps[keep], word[keep]
                 n = len(cps)
 
     if n == 0:
@@ -266,6 +367,17 @@ def iter_batches(texts: Sequence[str], max_chars: int) -> Iterable[tuple[int, in
 DEFAULT_MAX_CHARS = 1 << 18
 
 
+def batches(texts: Sequence[str], normalize_digits: bool, max_chars: int = DEFAULT_MAX_CHARS
+            ) -> Iterable[tuple[np.ndarray, _Batch]]:
+    """The texts as batches of about `max_chars` characters, each of one encoding
+    (:func:`split_by_encoding`): (the positions of its texts, the batch)."""
+    texts = texts if isinstance(texts, list) else list(texts)
+    for positions, utf16 in split_by_encoding(texts):
+        group = [texts[i] for i in positions.tolist()]
+        for a, b in iter_batches(group, max_chars):
+            yield positions[a:b], prepare_batch(group[a:b], normalize_digits, utf16[a:b] if utf16 else None)
+
+
 def shingle_hashes_batch(
     texts: Sequence[str], ngram: int = 5, normalize_digits: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -331,8 +443,8 @@ def exact_hashes(texts: Sequence[str], normalize_digits: bool = True, max_chars:
     """:func:`exact_hash` of many documents (vectorised normalisation), uint64 [n_docs]."""
     texts = list(texts)
     out = np.zeros(len(texts), dtype=U64)
-    for a, b in iter_batches(texts, max_chars):
-        out[a:b] = exact_hashes_from_batch(prepare_batch(texts[a:b], normalize_digits))
+    for positions, batch in batches(texts, normalize_digits, max_chars):
+        out[positions] = exact_hashes_from_batch(batch)
     return out
 
 

@@ -11,14 +11,13 @@ signature (:data:`EMPTY`) and never matches anything.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from pipelines.minhash.config import MinHashConfig
 from pipelines.minhash.hashing import U64, splitmix64
-from pipelines.minhash.shingles import (DEFAULT_MAX_CHARS, exact_hashes_from_batch, iter_batches, prepare_batch,
-                                        shingle_hashes_from_batch)
+from pipelines.minhash.shingles import DEFAULT_MAX_CHARS, batches, exact_hashes_from_batch, shingle_hashes_from_batch
 
 EMPTY = np.uint32(0xFFFFFFFF)
 SIGNATURE_DTYPE = np.dtype("<u4")
@@ -42,7 +41,8 @@ class MinHasher:
     (a 32-bit collision would make two one-shingle documents identical in all rows).
     """
 
-    def __init__(self, config: MinHashConfig | None = None, chunk_shingles: int = 8192, max_chars: int = DEFAULT_MAX_CHARS):
+    def __init__(self, config: MinHashConfig | None = None, chunk_shingles: int = 8192,
+                 max_chars: int = DEFAULT_MAX_CHARS):
         self.config = config or MinHashConfig()
         k = self.config.num_hashes
         self.multipliers = np.array([(v >> 32) | 1 for v in splitmix64(self.config.seed, k)], dtype=np.uint32)
@@ -99,10 +99,9 @@ class MinHasher:
         k = self.config.num_hashes
         sigs = np.empty((len(texts), k), dtype=SIGNATURE_DTYPE)
         ex = np.zeros(len(texts), dtype=U64) if exact else None
-        for a, b in iter_batches(texts, self.max_chars):
-            batch = prepare_batch(texts[a:b], self.config.normalize_digits)
+        for positions, batch in batches(texts, self.config.normalize_digits, self.max_chars):
             hashes, offsets = shingle_hashes_from_batch(batch, self.config.ngram)
-            sigs[a:b] = self.signatures_from_hashes(hashes, offsets)
-            if exact:
-                ex[a:b] = exact_hashes_from_batch(batch)
+            sigs[positions] = self.signatures_from_hashes(hashes, offsets)
+            if ex is not None:
+                ex[positions] = exact_hashes_from_batch(batch)
         return sigs, ex

@@ -1,8 +1,9 @@
-"""The units of work of distributed dedup; each reads and writes files of the artifact being
+"""The units of work of the dedup stage; each reads and writes files of the artifact being
 built (through its writer, so a local directory, a shared filesystem or an object store alike)
 and holds at most one shard's or one band's data in memory.
 
-    signatures  per input shard: MinHash signatures, exact hashes, band hashes (band-major)
+    signatures  per part (an input shard, or a run of its rows when there are fewer shards than
+                the workers can share): MinHash signatures, exact hashes, band hashes (band-major)
     exact       per hash partition: exact duplicates (-> their first occurrence), and documents
                 an earlier corpus already holds
     band        per LSH band: candidate pairs among the active documents, verified on the full
@@ -10,39 +11,49 @@ and holds at most one shard's or one band's data in memory.
     (cluster)   one step, in the driver: union-find over the edges (sparse: only documents
                 that have a duplicate), the root always the lowest document number, so the
                 result is the one-machine result exactly (see pipelines/dedup.py)
-    filter      per input shard: the kept rows
-    index       per band (and one for the signatures, one for the exact hashes): the
-                signature index of everything kept so far, as SignatureIndex.write makes it
+    output      per input shard: the kept rows; per band (and one for the signatures, one for
+                the exact hashes): the signature index of everything kept so far, as
+                SignatureIndex.write makes it
 
-Documents are numbered across the corpus (shard by shard, row by row); a shard's first number
-is its `offset`. Work files live under `work/` in the staging directory and are removed before
-the commit; each unit's last file marks it done, so a killed build resumes from finished units.
+Documents are numbered across the corpus (shard by shard, row by row); a part's first number
+is its `offset`. The signatures, the one costly phase, are the work files: they live under
+`work/` in the staging directory, are removed before the commit, and the last of a part's files
+marks it done, so a killed build resumes from the finished parts (and from the output files
+already written). The exact and band units hand their results (the duplicates, no more) back to
+the driver instead: they take a fraction of the time and are run again on a resume.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq  # here, not in the units: the forkserver imports it once for every worker
 
 from pipelines.minhash.config import MinHashConfig
 from pipelines.minhash.files import NpyRows
 from pipelines.minhash.hashing import U64
-from pipelines.minhash.lsh import (band_hashes, bucket_pairs, indexed_matches, required_matches, unique_pairs,
-                                   verify_pairs)
+from pipelines.minhash.lsh import (
+    band_hashes,
+    bucket_pairs,
+    indexed_matches,
+    required_matches,
+    unique_pairs,
+    verify_pairs,
+)
 from pipelines.minhash.signatures import SIGNATURE_DTYPE, MinHasher, nonempty
 from storage import ArtifactStore, ArtifactWriter, Manifest
 
 WORK = "work"
+NO_DOCS = np.zeros(0, np.int64)
 
 
-def work(kind: str, index: int, suffix: str = "npy") -> str:
-    return f"{WORK}/{kind}/{index:05d}.{suffix}"
+def work(kind: str, name: str, suffix: str = "npy") -> str:
+    return f"{WORK}/{kind}/{name}.{suffix}"
 
 
 def save_npy(writer: ArtifactWriter, relpath: str, array: np.ndarray) -> None:
@@ -56,9 +67,8 @@ def load_npy(writer: ArtifactWriter, relpath: str) -> np.ndarray:
         return np.load(io.BytesIO(handle.read()), allow_pickle=False)
 
 
-def load_json(writer: ArtifactWriter, relpath: str) -> Any:
-    with writer.fs.open(writer.path(relpath), "rb") as handle:
-        return json.loads(handle.read())
+def concat(arrays: list[np.ndarray], empty: np.ndarray = NO_DOCS) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else empty
 
 
 @dataclass(frozen=True)
@@ -73,7 +83,8 @@ class Earlier:
 
     def _fs_path(self, name: str):
         store = ArtifactStore(self.store_url, **self.storage_options)
-        return store.fs, posixpath.join(store.artifact_dir(self.manifest.stage, self.manifest.fingerprint), "index", name)
+        directory = store.artifact_dir(self.manifest.stage, self.manifest.fingerprint)
+        return store.fs, posixpath.join(directory, "index", name)
 
     def load(self, name: str) -> np.ndarray:
         fs, path = self._fs_path(name)
@@ -85,25 +96,59 @@ class Earlier:
 
 
 @dataclass(frozen=True)
+class Part:
+    """The rows `first .. first + rows` of the input shard `shard` (at `relpath`): one signature unit."""
+
+    shard: int
+    relpath: str
+    first: int
+    rows: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.shard:05d}-{self.first:09d}"
+
+
+MIN_PART_ROWS = 1024  # fewer documents are not worth a unit of their own (its shard is read once per part)
+
+
+def plan_parts(shards: list[str], rows: list[int], workers: int) -> tuple[Part, ...]:
+    """One part per shard; shards cut into runs of rows when there are fewer than two per worker,
+    so that a corpus of a few large shards still keeps every worker busy."""
+    target = 1 if workers <= 1 else 2 * workers
+    total = sum(rows)
+    part_rows = max(MIN_PART_ROWS, -(-total // target)) if len(shards) < target else max(rows + [1])
+    parts: list[Part] = []
+    for shard, (relpath, n) in enumerate(zip(shards, rows)):
+        pieces = max(1, n // part_rows)  # each of at least part_rows rows
+        bounds = [n * k // pieces for k in range(pieces + 1)]
+        parts.extend(Part(shard, relpath, a, b - a) for a, b in zip(bounds, bounds[1:]) if b > a or n == 0)
+    return tuple(parts)
+
+
+@dataclass(frozen=True)
 class Corpus:
-    """What every unit knows of the corpus: where the work files are, and the documents per shard."""
+    """What every unit knows of the corpus: where the work files are, and its parts."""
 
     writer: ArtifactWriter
     config: MinHashConfig
     exact: bool
-    counts: tuple[int, ...] = ()       # documents per input shard (known after the signatures)
+    parts: tuple[Part, ...] = ()
     earlier: Earlier | None = None
 
     @property
     def offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)]).astype(np.int64)
+        return np.concatenate([[0], np.cumsum([p.rows for p in self.parts], dtype=np.int64)]).astype(np.int64)
 
-    def signatures(self) -> "RunSignatures":
+    def signatures(self) -> RunSignatures:
         return RunSignatures(self)
+
+    def rows(self, kind: str, part: Part) -> NpyRows:
+        return NpyRows(self.writer.fs, self.writer.path(work(kind, part.name)))
 
 
 class RunSignatures:
-    """The corpus's signatures by document number, read shard by shard as they are asked for."""
+    """The corpus's signatures by document number, read part by part as they are asked for."""
 
     def __init__(self, corpus: Corpus):
         self.corpus, self.offsets = corpus, corpus.offsets
@@ -112,52 +157,65 @@ class RunSignatures:
     def __getitem__(self, ids) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
         out = np.empty((len(ids), self.corpus.config.num_hashes), dtype=SIGNATURE_DTYPE)
-        shard_of = np.searchsorted(self.offsets, ids, side="right") - 1
-        for shard in np.unique(shard_of):
-            here = shard_of == shard
-            if shard not in self.files:
-                writer = self.corpus.writer
-                self.files[int(shard)] = NpyRows(writer.fs, writer.path(work("sig", int(shard))))
-            out[here] = self.files[int(shard)][ids[here] - self.offsets[shard]]
+        part_of = np.searchsorted(self.offsets, ids, side="right") - 1
+        for p in np.unique(part_of).tolist():
+            here = part_of == p
+            if p not in self.files:
+                self.files[p] = self.corpus.rows("sig", self.corpus.parts[p])
+            out[here] = self.files[p][ids[here] - self.offsets[p]]
         return out
 
 
-# ------------------------------------------------------------------ signatures, per shard
+def read_shard_columns(store: ArtifactStore, manifest: Manifest, relpath: str, columns: list[str] | None = None,
+                       first: int = 0, rows: int | None = None) -> pa.Table:
+    """Rows `first .. first + rows` of a Parquet shard (only the row groups that hold them are read)."""
+    with store.open(manifest, relpath) as handle:
+        parquet = pq.ParquetFile(handle)
+        sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)]
+        rows = sum(sizes) - first if rows is None else rows
+        starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        groups = [g for g in range(len(sizes)) if starts[g] < first + rows and starts[g + 1] > first]
+        if not groups:
+            return parquet.schema_arrow.empty_table().select(columns) if columns else parquet.schema_arrow.empty_table()
+        table = parquet.read_row_groups(groups, columns=columns, use_threads=False)
+    return table.slice(first - int(starts[groups[0]]), rows)
+
+
+# ------------------------------------------------------------------ signatures, per part
 
 
 @dataclass(frozen=True)
 class SignatureTask:
     corpus: Corpus
-    shard: int
-    relpath: str
+    part: int
     source: Manifest
     batch_size: int
 
 
 def signature_unit(task: SignatureTask) -> dict[str, Any]:
-    writer = task.corpus.writer
-    done = work("docs", task.shard, "json")
-    if writer.done(done):
-        return load_json(writer, done)
-    from pipelines.common import read_shard
-
-    store = ArtifactStore(writer.store_url, **writer.storage_options)
-    texts = [t or "" for t in read_shard(store, task.source, task.relpath, columns=["text"]).column("text").to_pylist()]
-    config = task.corpus.config
-    hasher = MinHasher(config)
-    sigs = np.empty((len(texts), config.num_hashes), dtype=SIGNATURE_DTYPE)
-    exact = np.zeros(len(texts), dtype=U64)
-    for start in range(0, len(texts), task.batch_size):
-        part_sigs, part_exact = hasher.process(texts[start:start + task.batch_size], exact=task.corpus.exact)
-        sigs[start:start + len(part_sigs)] = part_sigs
-        if part_exact is not None:
-            exact[start:start + len(part_exact)] = part_exact
-    save_npy(writer, work("sig", task.shard), sigs)
-    save_npy(writer, work("exact", task.shard), exact)
-    save_npy(writer, work("bands", task.shard), band_hashes(sigs, config).T)  # [band, document]
-    result = {"documents": len(texts), "empty": np.flatnonzero(~nonempty(sigs)).tolist()}
-    writer.write_json(done, result)  # last: the unit is done
-    return result
+    corpus = task.corpus
+    writer, part, config = corpus.writer, corpus.parts[task.part], corpus.config
+    done = work("bands", part.name)
+    if writer.done(done):  # finished by an earlier, killed run
+        sigs = corpus.rows("sig", part)[np.arange(part.rows)]
+    else:
+        store = ArtifactStore(writer.store_url, **writer.storage_options)
+        column = read_shard_columns(store, task.source, part.relpath, ["text"], part.first, part.rows).column("text")
+        texts = [t or "" for t in column.to_pylist()]
+        if len(texts) != part.rows:
+            raise ValueError(f"{part.relpath}: {len(texts)} rows from {part.first}, the manifest says {part.rows}")
+        hasher = MinHasher(config)
+        sigs = np.empty((len(texts), config.num_hashes), dtype=SIGNATURE_DTYPE)
+        exact = np.zeros(len(texts), dtype=U64)
+        for start in range(0, len(texts), task.batch_size):
+            part_sigs, part_exact = hasher.process(texts[start:start + task.batch_size], exact=corpus.exact)
+            sigs[start:start + len(part_sigs)] = part_sigs
+            if part_exact is not None:
+                exact[start:start + len(part_exact)] = part_exact
+        save_npy(writer, work("sig", part.name), sigs)
+        save_npy(writer, work("exact", part.name), exact)
+        save_npy(writer, done, band_hashes(sigs, config).T)  # [band, document]; last: the part is done
+    return {"documents": part.rows, "empty": np.flatnonzero(~nonempty(sigs))}
 
 
 # ------------------------------------------------------------------ exact duplicates, per partition
@@ -170,21 +228,18 @@ class ExactTask:
     partitions: int
 
 
-def exact_unit(task: ExactTask) -> None:
+def exact_unit(task: ExactTask) -> dict[str, np.ndarray]:
     """(duplicate, its first occurrence) for every exact duplicate whose hash falls in this
     partition, and the documents whose normalised text an earlier corpus holds."""
     corpus, writer = task.corpus, task.corpus.writer
-    if writer.done(work("exactdup", task.partition)):
-        return
-    hashes, ids = [], []
-    for shard, offset in enumerate(corpus.offsets[:-1]):
-        values = load_npy(writer, work("exact", shard))
+    hash_parts, id_parts = [], []
+    for part, offset in zip(corpus.parts, corpus.offsets[:-1].tolist()):
+        values = load_npy(writer, work("exact", part.name))
         mine = np.flatnonzero((values != 0) & (values % U64(task.partitions) == U64(task.partition)))
-        hashes.append(values[mine])
-        ids.append(mine.astype(np.int64) + offset)
-    hashes = np.concatenate(hashes) if hashes else np.zeros(0, U64)
-    ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    in_earlier = np.zeros(0, np.int64)
+        hash_parts.append(values[mine])
+        id_parts.append(mine.astype(np.int64) + offset)
+    hashes, ids = concat(hash_parts, np.zeros(0, U64)), concat(id_parts)
+    in_earlier = NO_DOCS
     if corpus.earlier is not None and corpus.earlier.has_exact and len(hashes):
         known = corpus.earlier.load("exact_hashes.npy")
         if len(known):
@@ -193,17 +248,7 @@ def exact_unit(task: ExactTask) -> None:
     _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)  # ids ascend: first = lowest
     first_id = ids[first][inverse]
     dup = first_id != ids
-    save_npy(writer, work("exactidx", task.partition), np.sort(in_earlier))
-    save_npy(writer, work("exactdup", task.partition), np.stack([ids[dup], first_id[dup]], axis=1))  # last
-
-
-def inactive_documents(corpus: Corpus, partitions: int) -> np.ndarray:
-    """Sorted document numbers left out of the LSH: exact duplicates, and what an earlier corpus holds."""
-    parts = [np.zeros(0, np.int64)]
-    for p in range(partitions):
-        parts.append(load_npy(corpus.writer, work("exactdup", p))[:, 0].astype(np.int64))
-        parts.append(load_npy(corpus.writer, work("exactidx", p)).astype(np.int64))
-    return np.unique(np.concatenate(parts))
+    return {"duplicates": np.stack([ids[dup], first_id[dup]], axis=1), "in_earlier": np.sort(in_earlier)}
 
 
 # ------------------------------------------------------------------ LSH, per band
@@ -213,42 +258,35 @@ def inactive_documents(corpus: Corpus, partitions: int) -> np.ndarray:
 class BandTask:
     corpus: Corpus
     band: int
-    partitions: int
-    empty: tuple[tuple[int, ...], ...] = field(default=())  # per shard: rows without shingles
+    inactive: np.ndarray   # sorted document numbers left out: exact duplicates, what an earlier corpus holds
+    empty: tuple[np.ndarray, ...]  # per part: rows without shingles
 
 
-def band_unit(task: BandTask) -> dict[str, int]:
+def band_unit(task: BandTask) -> dict[str, Any]:
     """The verified pairs (edges) of one band among the active documents, and the documents
     near an earlier corpus's in this band."""
-    corpus, writer, b = task.corpus, task.corpus.writer, task.band
-    if writer.done(work("edges", b)):
-        return load_json(writer, work("bandstats", b, "json"))
+    corpus, b = task.corpus, task.band
     hashes, ids = [], []
-    for shard, offset in enumerate(corpus.offsets[:-1]):
-        rows = NpyRows(writer.fs, writer.path(work("bands", shard)))
-        keep = np.ones(rows.shape[1], dtype=bool)
-        keep[list(task.empty[shard])] = False
-        hashes.append(rows.row(b)[keep])
+    for p, (part, offset) in enumerate(zip(corpus.parts, corpus.offsets[:-1].tolist())):
+        keep = np.ones(part.rows, dtype=bool)
+        keep[task.empty[p]] = False
+        hashes.append(corpus.rows("bands", part).row(b)[keep])
         ids.append(np.flatnonzero(keep).astype(np.int64) + offset)
-    h = np.concatenate(hashes) if hashes else np.zeros(0, U64)
-    d = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    inactive = inactive_documents(corpus, task.partitions)
-    active = ~np.isin(d, inactive, assume_unique=False)
-    h, d = h[active], d[active]
+    h, d = concat(hashes, np.zeros(0, U64)), concat(ids)
+    if len(task.inactive):
+        active = ~np.isin(d, task.inactive)
+        h, d = h[active], d[active]
     need = required_matches(corpus.config)
     signatures = corpus.signatures()
-    flagged = np.zeros(0, np.int64)
+    flagged = NO_DOCS
     if corpus.earlier is not None and corpus.earlier.num_docs:
         flagged = _near_earlier(corpus.earlier, b, h, d, signatures, need)
     i, j = bucket_pairs(h, d)
     if len(i) > 1:
         i, j = unique_pairs(i, j)
     ok = verify_pairs(signatures, i, signatures, j, need)
-    stats = {"candidate_pairs": int(len(i)), "verified_pairs": int(ok.sum())}
-    save_npy(writer, work("flagged", b), flagged)
-    writer.write_json(work("bandstats", b, "json"), stats)
-    save_npy(writer, work("edges", b), np.stack([i[ok], j[ok]], axis=1))  # last: the unit is done
-    return stats
+    return {"edges": np.stack([i[ok], j[ok]], axis=1), "flagged": flagged,
+            "candidate_pairs": int(len(i)), "verified_pairs": int(ok.sum())}
 
 
 def _near_earlier(earlier: Earlier, b: int, h: np.ndarray, d: np.ndarray, signatures, need) -> np.ndarray:
@@ -257,15 +295,15 @@ def _near_earlier(earlier: Earlier, b: int, h: np.ndarray, d: np.ndarray, signat
     ih = earlier.load(f"band_{b:03d}.hashes.npy")
     idoc = earlier.load(f"band_{b:03d}.docs.npy")
     if len(h) == 0 or len(ih) == 0:
-        return np.zeros(0, np.int64)
+        return NO_DOCS
     q, targets = indexed_matches(ih, idoc, h, d)
     if len(q) == 0:
-        return np.zeros(0, np.int64)
+        return NO_DOCS
     ok = verify_pairs(signatures, q, earlier.signatures(), targets, need)
     return np.unique(q[ok])
 
 
-# ------------------------------------------------------------------ the kept rows, per shard
+# ------------------------------------------------------------------ the output: kept rows, the index
 
 
 @dataclass(frozen=True)
@@ -274,24 +312,7 @@ class FilterTask:
     shard: int
     relpath: str
     source: Manifest
-    dropped: tuple[int, ...]   # rows of this shard that go
-
-
-def filter_unit(task: FilterTask) -> int:
-    from pipelines.common import read_shard
-
-    writer = task.corpus.writer
-    if writer.done(task.relpath):
-        return 0  # written by an earlier, interrupted run (the decisions are deterministic)
-    store = ArtifactStore(writer.store_url, **writer.storage_options)
-    table = read_shard(store, task.source, task.relpath)
-    keep = np.ones(table.num_rows, dtype=bool)
-    keep[list(task.dropped)] = False
-    writer.write_parquet(task.relpath, table.filter(pa.array(keep)))
-    return int(keep.sum())
-
-
-# ------------------------------------------------------------------ the signature index, per band
+    dropped: np.ndarray   # rows of this shard that go
 
 
 @dataclass(frozen=True)
@@ -299,14 +320,39 @@ class IndexTask:
     corpus: Corpus
     part: str                          # "signatures", "exact" or "band"
     band: int = -1
-    kept: tuple[tuple[int, ...], ...] = ()   # per shard: the kept rows, ascending
+    dropped: tuple[np.ndarray, ...] = ()   # per corpus part: its rows that go, ascending
+    empty: tuple[np.ndarray, ...] = ()     # per corpus part: its rows without shingles
+
+
+def output_unit(task: FilterTask | IndexTask) -> int | None:
+    """The kept rows of a shard, or one file of the new index: the output phase's units."""
+    if isinstance(task, FilterTask):
+        return filter_unit(task)
+    index_unit(task)
+    return None
+
+
+def filter_unit(task: FilterTask) -> int:
+    writer = task.corpus.writer
+    if writer.done(task.relpath):
+        return 0  # written by an earlier, interrupted run (the decisions are deterministic)
+    store = ArtifactStore(writer.store_url, **writer.storage_options)
+    table = read_shard_columns(store, task.source, task.relpath)
+    keep = np.ones(table.num_rows, dtype=bool)
+    keep[task.dropped] = False
+    # a mask made from its bits: pa.array(numpy) would import pandas (0.3 s) to ask if it is one
+    bits = pa.py_buffer(np.packbits(keep, bitorder="little"))
+    mask = pa.BooleanArray.from_buffers(pa.bool_(), len(keep), [None, bits])
+    writer.write_parquet(task.relpath, table.filter(mask))
+    return int(keep.sum())
 
 
 def _kept_rows(task: IndexTask):
-    """(shard, its kept rows, the new document number of the first of them) for each shard."""
+    """(part, its kept rows, the new document number of the first of them) for each part."""
     number = task.corpus.earlier.num_docs if task.corpus.earlier is not None else 0
-    for shard, rows in enumerate(task.kept):
-        yield shard, np.asarray(rows, dtype=np.int64), number
+    for p, part in enumerate(task.corpus.parts):
+        rows = np.setdiff1d(np.arange(part.rows, dtype=np.int64), task.dropped[p], assume_unique=True)
+        yield p, part, rows, number
         number += len(rows)
 
 
@@ -319,7 +365,8 @@ def index_unit(task: IndexTask) -> None:
         return
     earlier = corpus.earlier
     if task.part == "signatures":
-        total = (earlier.num_docs if earlier else 0) + sum(len(rows) for rows in task.kept)
+        kept = list(_kept_rows(task))
+        total = (earlier.num_docs if earlier else 0) + sum(len(rows) for _, _, rows, _ in kept)
         with writer.open(name) as handle:
             np.lib.format.write_array_header_1_0(handle, {
                 "descr": np.lib.format.dtype_to_descr(SIGNATURE_DTYPE), "fortran_order": False,
@@ -328,13 +375,13 @@ def index_unit(task: IndexTask) -> None:
                 old = earlier.signatures()
                 for start in range(0, len(old), 1 << 16):
                     handle.write(old[np.arange(start, min(start + (1 << 16), len(old)))].tobytes())
-            for shard, rows, _ in _kept_rows(task):
+            for _, part, rows, _ in kept:
                 if len(rows):
-                    handle.write(NpyRows(writer.fs, writer.path(work("sig", shard)))[rows].tobytes())
+                    handle.write(corpus.rows("sig", part)[rows].tobytes())
         return
     if task.part == "exact":
-        new = [load_npy(writer, work("exact", shard))[rows] for shard, rows, _ in _kept_rows(task)]
-        new = np.concatenate(new) if new else np.zeros(0, U64)
+        new = concat([load_npy(writer, work("exact", part.name))[rows] for _, part, rows, _ in _kept_rows(task)],
+                     np.zeros(0, U64))
         merged = np.unique(new[new != 0])
         if earlier is not None:
             known = earlier.load("exact_hashes.npy")
@@ -347,13 +394,13 @@ def index_unit(task: IndexTask) -> None:
     if earlier is not None:
         h_parts.append(earlier.load(f"band_{b:03d}.hashes.npy"))
         d_parts.append(earlier.load(f"band_{b:03d}.docs.npy").astype(np.int64))
-    for shard, rows, first in _kept_rows(task):
-        hashes = NpyRows(writer.fs, writer.path(work("bands", shard))).row(b)[rows]
-        full = nonempty(NpyRows(writer.fs, writer.path(work("sig", shard)))[rows]) if len(rows) else np.zeros(0, bool)
-        h_parts.append(hashes[full])
+    for p, part, rows, first in _kept_rows(task):
+        full = np.ones(part.rows, dtype=bool)
+        full[task.empty[p]] = False
+        full = full[rows]
+        h_parts.append(corpus.rows("bands", part).row(b)[rows][full])
         d_parts.append(first + np.flatnonzero(full))
-    h = np.concatenate(h_parts) if h_parts else np.zeros(0, U64)
-    d = np.concatenate(d_parts) if d_parts else np.zeros(0, np.int64)
+    h, d = concat(h_parts, np.zeros(0, U64)), concat(d_parts)
     order = np.argsort(h, kind="stable")  # two sorted runs; keeps document order in buckets
     save_npy(writer, f"index/band_{b:03d}.hashes.npy", h[order].astype(U64))
     save_npy(writer, name, d[order].astype(np.uint32))  # last: the unit is done

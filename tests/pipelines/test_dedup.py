@@ -1,14 +1,19 @@
-"""The dedup stage on real text: planted duplicates, shard layout, refresh against an earlier index."""
+"""The dedup stage on real text: planted duplicates, shard layout, refresh against an earlier index,
+the one-process result exactly however the units ran; and the executor it runs on."""
 
+import functools
+import os
 import random
+import time
+from pydoc_data.topics import topics
 
 import pyarrow as pa
 import pytest
-from pydoc_data.topics import topics
 
 from pipelines.common import ConfigError, InputError, document_shards, read_shard, shard_name
 from pipelines.dedup import STAGE, DedupConfig
-from pipelines.minhash import word_shingles
+from pipelines.executor import LocalExecutor
+from pipelines.minhash import units, word_shingles
 from storage import ArtifactStore
 
 
@@ -46,7 +51,8 @@ def clean_artifact(store: ArtifactStore, shards: list[list[str]], tag: str):
 
 
 def kept_ids(store, manifest):
-    return [i for s in document_shards(manifest) for i in read_shard(store, manifest, s, ["id"]).column("id").to_pylist()]
+    return [i for s in document_shards(manifest)
+            for i in read_shard(store, manifest, s, ["id"]).column("id").to_pylist()]
 
 
 def test_planted_duplicates_are_removed_and_originals_kept(tmp_path):
@@ -84,8 +90,9 @@ def test_refresh_keeps_only_new_documents(tmp_path):
 def test_deterministic_and_independent_of_batch_size(tmp_path):
     docs = real_documents()[:120]
     docs += [edit_words(d, random.Random(1), 2) for d in docs[:20]]
-    a = STAGE.run(DedupConfig(batch_size=7), [clean_artifact(ArtifactStore(tmp_path / "1"), [docs], "d")], ArtifactStore(tmp_path / "1"))
-    b = STAGE.run(DedupConfig(batch_size=4096), [clean_artifact(ArtifactStore(tmp_path / "2"), [docs], "d")], ArtifactStore(tmp_path / "2"))
+    one, two = ArtifactStore(tmp_path / "1"), ArtifactStore(tmp_path / "2")
+    a = STAGE.run(DedupConfig(batch_size=7), [clean_artifact(one, [docs], "d")], one)
+    b = STAGE.run(DedupConfig(batch_size=4096), [clean_artifact(two, [docs], "d")], two)
     assert [(f.path, f.sha256) for f in a.files] == [(f.path, f.sha256) for f in b.files]
 
 
@@ -117,14 +124,22 @@ def one_machine(config: DedupConfig, texts: list[str], tmp_path, index=None):
     return result, written
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_units_give_the_one_machine_result_exactly(tmp_path, workers):
-    """Per-shard, per-partition and per-band units, clustered by a union-find whose root is the
+@pytest.mark.parametrize("workers,pool", [(1, False), (2, False), (3, True)],
+                         ids=["one-process", "too-small-for-a-pool", "pool-and-shards-cut-into-parts"])
+def test_units_give_the_one_machine_result_exactly(tmp_path, monkeypatch, workers, pool):
+    """Per-part, per-partition and per-band units, clustered by a union-find whose root is the
     lowest document: the same documents kept, the same index bytes, as one process over the
-    whole corpus; the same again for a refresh against that index."""
+    whole corpus; the same again for a refresh against that index. Whether the units ran here
+    or in worker processes, and in how many parts the shards were cut, changes nothing."""
     import hashlib
 
     from pipelines.minhash import SignatureIndex
+
+    if pool:  # worker processes whatever the corpus size, and parts of a few dozen documents
+        monkeypatch.setattr(LocalExecutor, "START_SECONDS", 0.0)
+        monkeypatch.setattr(units, "MIN_PART_ROWS", 16)
+        parts = units.plan_parts(["a", "b", "c", "d"], [60, 75, 46, 40], workers)
+        assert len(parts) == 5 and [p.rows for p in parts if p.shard == 1] == [37, 38]
 
     rng = random.Random(11)
     docs = real_documents()[:150]
@@ -154,3 +169,62 @@ def test_units_give_the_one_machine_result_exactly(tmp_path, workers):
     assert kept_ids(store, again) == [f"g-0-{j}" for j, keep in enumerate(result2.keep) if keep]
     assert again.stats["dropped"]["in_earlier_corpus"] == int(result2.index_duplicate.sum()) > 25
     assert index_files(store.local_path(again, "index")) == index_files(reference2.path)
+
+
+def test_parts_cover_every_row_once_in_corpus_order():
+    for shards, rows, workers in [(1, [5000], 2), (3, [10, 0, 4000], 4), (8, [3000] * 8, 2), (1, [0], 2)]:
+        parts = units.plan_parts([f"s{i}" for i in range(shards)], rows, workers)
+        assert [(p.shard, p.first) for p in parts] == sorted((p.shard, p.first) for p in parts)
+        for shard, n in enumerate(rows):
+            mine = [p for p in parts if p.shard == shard]
+            assert mine and mine[0].first == 0 and sum(p.rows for p in mine) == n
+            assert all(a.first + a.rows == b.first for a, b in zip(mine, mine[1:]))
+    assert len(units.plan_parts(["s"], [5000], 2)) == 4  # a big shard is shared by the workers
+    assert len(units.plan_parts(["s"], [5000], 1)) == 1
+    assert len(units.plan_parts(["s"], [1500], 2)) == 1  # ... a small one is not worth cutting
+
+
+# ------------------------------------------------------------------ the executor, as the stage uses it
+
+
+def square(x: int) -> tuple[int, int]:
+    return x * x, os.getpid()
+
+
+def helped_unit(item: tuple[int, int, int]) -> tuple[int, int]:
+    x, caller, bad = item
+    time.sleep(0.2 if os.getpid() == caller else 0.005)  # slow here: the workers take over once up
+    if x == bad:
+        raise ValueError(f"unit {x} is bad")
+    return x * x, os.getpid()
+
+
+def test_a_phase_shorter_than_starting_a_pool_runs_in_this_process():
+    with LocalExecutor(workers=2, caller_helps=True) as executor:
+        ran = [result for result, _ in executor.map(square, range(8))]
+        again = [result for result, _ in executor.map(square, range(3))]
+        assert executor._start is None and executor._pool is None, "no pool was started"
+    assert [r for r, _ in ran] == [x * x for x in range(8)]
+    assert {pid for _, pid in ran + again} == {os.getpid()}
+
+
+def test_the_pool_starts_while_this_process_runs_the_first_units(monkeypatch):
+    monkeypatch.setattr(LocalExecutor, "START_SECONDS", 0.0)
+    caller = os.getpid()
+    with LocalExecutor(workers=2, caller_helps=True) as executor:
+        first = [result for result, _ in executor.map(helped_unit, [(x, caller, -1) for x in range(30)])]
+        second = [result for result, _ in executor.map(helped_unit, [(x, caller, -1) for x in range(4)])]
+    assert [r for r, _ in first] == [x * x for x in range(30)], "in the items' order"
+    pids = [pid for _, pid in first]
+    assert pids[0] == caller and set(pids) - {caller}, "begun here, taken over by the workers"
+    assert caller not in {pid for _, pid in second}, "once up, the pool runs the later phases"
+    assert executor._pool is None, "closed at the end of the stage"
+
+
+@pytest.mark.parametrize("bad", [0, 29], ids=["here", "in-a-worker"])
+def test_a_failed_unit_raises_its_own_error_wherever_it_ran(monkeypatch, bad):
+    monkeypatch.setattr(LocalExecutor, "START_SECONDS", 0.0)
+    executor = LocalExecutor(workers=2, caller_helps=True)
+    with pytest.raises(ValueError, match=f"unit {bad} is bad"):
+        list(executor.map(functools.partial(helped_unit), [(x, os.getpid(), bad) for x in range(30)]))
+    assert executor._pool is None and executor._start is None

@@ -42,6 +42,16 @@ from pipelines.minhash import (
     shingle_hashes_batch,
     word_shingles,
 )
+from pipelines.minhash.shingles import (
+    _CLASSES,
+    _LOWER_BMP,
+    _SPECIAL,
+    _char_classes,
+    batches,
+    exact_hashes_from_batch,
+    shingle_hashes_from_batch,
+    split_by_encoding,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -139,7 +149,8 @@ def near_duplicate(doc: str, rng: random.Random) -> str:
             words[rng.randrange(len(words))] = rng.choice(vocab)
         kind = rng.randrange(3)
         if kind == 0:
-            words = ["Posted", "by", rng.choice(["admin", "editor", "guest"]), "on", f"{rng.randint(1, 28)}", "May"] + words
+            by = rng.choice(["admin", "editor", "guest"])
+            words = ["Posted", "by", by, "on", f"{rng.randint(1, 28)}", "May"] + words
         elif kind == 1:
             words = words + ["Share", "this:", "Twitter", "Facebook", "Email", f"({rng.randint(2, 99)} comments)"]
         else:  # replace the last sentence-ish tail (footer)
@@ -233,6 +244,10 @@ EDGE_TEXTS = [
     "日本語のテキスト、句読点。 עברית 'quoted' \"double\" — dash – en",
     "1\u200b2 ok 1.2.3 1..2 a_b 12ab34 ٣٤٥ ١٫٥",
     "lone surrogate \ud800 in text",
+    "ΟΔΥΣΣΕΥΣ ΣΟΦΟΣ Σ ΣΑ",  # str.lower() makes a final sigma of some, by their context
+    "the KELVIN \u212a and the DOTTED \u0130 and \uffff",  # to ASCII; to two characters; a noncharacter
+    "\U0001f600 emoji and \U00010400 DESERET",
+    "ǅungla Ⓐ ǈ Ⅻ",  # title case, circled and Roman letters have lowercase forms
 ]
 
 
@@ -264,6 +279,39 @@ def test_vectorised_hashes_match_reference(ngram, normalize_digits):
         np.testing.assert_array_equal(shingle_hashes(doc, ngram, normalize_digits), ref)
     ex = exact_hashes(docs, normalize_digits)
     assert ex.tolist() == [exact_hash(d, normalize_digits) for d in docs]
+
+
+def test_every_fast_path_gives_the_reference_hashes():
+    """MinHasher and exact_hashes take batches of one kind of text: ASCII, all in the BMP
+    (lowercased one UTF-16 code unit at a time in numpy), or the others (str.lower)."""
+    docs = list(base_documents()[:30]) + EDGE_TEXTS + [d.upper() for d in EDGE_TEXTS] + [
+        doc.replace(" ", " — ", 3) for doc in base_documents()[30:40]]  # real text with a non-ASCII dash
+    docs.append("two lone surrogates \ud83d\ude00 are two code points, as in UTF-32 with surrogatepass")
+    kinds = [len(positions) for positions, _ in split_by_encoding(docs)]
+    assert len(kinds) == 3 and min(kinds) >= 5, kinds
+    for normalize_digits in (True, False):
+        seen = []
+        for positions, batch in batches(docs, normalize_digits, max_chars=3000):
+            hashes, offsets = shingle_hashes_from_batch(batch, 5)
+            exact = exact_hashes_from_batch(batch)
+            for k, i in enumerate(positions.tolist()):
+                ref = reference_shingle_hashes(docs[i], 5, normalize_digits)
+                np.testing.assert_array_equal(hashes[offsets[k]:offsets[k + 1]], ref, err_msg=repr(docs[i][:60]))
+                assert exact[k] == exact_hash(docs[i], normalize_digits), repr(docs[i][:60])
+                seen.append(i)
+        assert sorted(seen) == list(range(len(docs)))
+
+
+def test_the_tables_filled_on_demand_agree_with_unicode():
+    code_points = np.concatenate([np.arange(1 << 16), np.arange(1 << 16, sys.maxunicode + 1, 97)]).astype(np.uint32)
+    np.testing.assert_array_equal(_CLASSES(code_points), _char_classes()[code_points])
+    lowered = _LOWER_BMP(np.arange(1 << 16, dtype=np.uint16))
+    for unit, low in enumerate(lowered.tolist()):
+        if low == _SPECIAL:  # left to str.lower(): capital sigma (by context), dotted capital I
+            assert unit == 0x3A3 or len(chr(unit).lower()) != 1
+        else:
+            assert chr(low) == chr(unit).lower(), hex(unit)
+    assert (lowered == _SPECIAL).sum() == 2
 
 
 def test_shingle_hashes_distinct_on_real_text():
@@ -402,7 +450,7 @@ def test_lsh_detection_matches_theory(bands, rows):
         se = math.sqrt(len(CURVE_SEEDS) * float(np.sum(theory[sel] * (1 - theory[sel])))) / n
         report.append(f"[{lo:.1f},{hi:.1f}) n={n} observed={observed:.3f} theory={expected:.3f} se={se:.3f}")
     print(f"\n{bands}x{rows}\n" + "\n".join(report))
-    for line, (lo, hi) in zip(report, BUCKETS):
+    for lo, hi in BUCKETS:
         sel = (js >= lo) & ((js < hi) | (hi == 1.0))
         n = int(sel.sum()) * len(CURVE_SEEDS)
         se = math.sqrt(len(CURVE_SEEDS) * float(np.sum(theory[sel] * (1 - theory[sel])))) / n
@@ -466,7 +514,8 @@ def test_deterministic_across_processes_and_batches():
     np.testing.assert_array_equal(shuffled[np.argsort(order)], sigs)
     assert not np.array_equal(sigs, MinHasher(MinHashConfig(seed=8)).signatures(docs))
     # a fresh process with another hash seed
-    expected = f"{hashlib.sha256(sigs.tobytes()).hexdigest()} {hashlib.sha256(exact_hashes(docs).tobytes()).hexdigest()}"
+    digests = (hashlib.sha256(sigs.tobytes()).hexdigest(), hashlib.sha256(exact_hashes(docs).tobytes()).hexdigest())
+    expected = " ".join(digests)
     env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=str(ROOT))
     out = subprocess.run(
         [sys.executable, "-c", _SUBPROCESS], input=json.dumps(docs), capture_output=True, text=True, env=env,
@@ -604,7 +653,8 @@ def test_signature_index_round_trip(tmp_path):
     assert index2.num_docs == 80 + 30
     # querying the union index with signatures directly
     index2 = SignatureIndex.load(tmp_path / "index2", config)
-    q = index2.query(MinHasher(config).signatures([near_duplicate(old[30], rng), near_duplicate(new[5], rng), bases[200]]))
+    queries = [near_duplicate(old[30], rng), near_duplicate(new[5], rng), bases[200]]
+    q = index2.query(MinHasher(config).signatures(queries))
     assert q.tolist() == [True, True, False]
     assert index2.contains_exact(exact_hashes([old[1], new[2], bases[201]])).tolist() == [True, True, False]
 
